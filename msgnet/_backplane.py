@@ -1,0 +1,81 @@
+"""The backplane interface: a partitioned, durable log shared by messaging servers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+
+
+class BackplaneUnavailable(Exception):
+    """The log could not be reached; nothing was appended or committed.
+
+    Raised by ``append`` when the record's durability is unknown or refused, so a
+    caller never acknowledges a message on the strength of a failed append.
+    """
+
+
+@attrs.frozen(kw_only=True)
+class LogRecord:
+    """One record read back from a partition of the log."""
+
+    partition: int
+    """The partition the record lives in."""
+    offset: int
+    """Its position in the partition: dense, increasing, starting at 0."""
+    key: bytes
+    """The routing key it was appended with (a user id in UTF-8)."""
+    value: bytes
+    """The opaque payload (an encoded ``InboxRecord``)."""
+    timestamp_ms: int
+    """When the log accepted it, in milliseconds since the Unix epoch."""
+
+
+class Backplane(Protocol):
+    """What msgnet needs from a pub/sub log; Kafka and the embedded log implement it.
+
+    Every method is a trio coroutine; implementations keep their blocking client
+    off the trio thread. Offsets follow Kafka's meaning: a committed offset is
+    the offset of the *next* record to read.
+    """
+
+    @property
+    def partitions(self) -> int:
+        """How many partitions the inbox log has; fixed for the log's lifetime."""
+        ...
+
+    async def append(self, partition: int, key: bytes, value: bytes) -> int:
+        """Append one record and return its offset once it is durable.
+
+        Raises ``BackplaneUnavailable`` if durability cannot be confirmed.
+        Concurrent calls are batched by the implementation.
+        """
+        ...
+
+    async def read(
+        self, partition: int, offset: int, *, max_records: int = 500
+    ) -> Sequence[LogRecord]:
+        """Return the records at ``offset`` and after, waiting until there is one.
+
+        Never returns an empty sequence; cancel the call to stop waiting. If the
+        log no longer holds ``offset`` (retention), the first record returned has
+        a larger offset.
+        """
+        ...
+
+    async def end_offset(self, partition: int) -> int:
+        """The offset the next appended record will get (the high watermark)."""
+        ...
+
+    async def commit(self, group: str, partition: int, offset: int) -> None:
+        """Durably record that ``group`` has processed ``partition`` up to ``offset``."""
+        ...
+
+    async def committed(self, group: str, partition: int) -> int | None:
+        """The offset last committed by ``group`` for ``partition``, if any."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and threads; pending appends fail, none is lost."""
+        ...
