@@ -1,0 +1,546 @@
+"""The embedded backplane: the inbox log in one SQLite file, for use without Kafka."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+
+from ._backplane import BackplaneUnavailable, LogRecord
+from ._sqlite import Database, transaction
+
+__all__ = ["LOG_FILENAME", "EmbeddedBackplane", "open_embedded_backplane"]
+
+logger = logging.getLogger(__name__)
+
+LOG_FILENAME = "inbox-log.sqlite3"
+"""The name of the log's database file inside the directory it is opened in."""
+
+MAX_BATCH = 10_000
+"""The most appends one transaction takes: bounds the latency of a commit."""
+
+TAIL_RECORDS = 512
+"""How many of each partition's newest records are also kept in memory.
+
+Live readers follow the end of their partition, so they are served from memory;
+readers further behind (catch-up after a restart) read from SQLite.
+"""
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS settings (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS records (
+        "partition" INTEGER NOT NULL,
+        "offset" INTEGER NOT NULL,
+        "key" BLOB NOT NULL,
+        "value" BLOB NOT NULL,
+        timestamp_ms INTEGER NOT NULL,
+        PRIMARY KEY ("partition", "offset")
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS committed_offsets (
+        "group" TEXT NOT NULL,
+        "partition" INTEGER NOT NULL,
+        "offset" INTEGER NOT NULL,
+        PRIMARY KEY ("group", "partition")
+    ) WITHOUT ROWID
+    """,
+)
+
+
+@attrs.frozen(kw_only=True)
+class _StoredState:
+    """What the log holds when it is opened."""
+
+    end_offsets: list[int]
+    """Per partition, the offset after the last stored record."""
+    committed: dict[tuple[str, int], int]
+    """The committed offset of each (group, partition) that has one."""
+
+
+def _connect(directory: Path | None, partitions: int) -> sqlite3.Connection:
+    # Blocking: runs in a worker thread while the backplane is being opened.
+    if directory is None:
+        connection = sqlite3.connect(
+            ":memory:", isolation_level=None, check_same_thread=False
+        )
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(
+            directory / LOG_FILENAME, isolation_level=None, check_same_thread=False
+        )
+    try:
+        if directory is not None:
+            # WAL: a commit appends to the write-ahead log and readers are never
+            # blocked by it. In WAL mode synchronous=NORMAL only fsyncs at
+            # checkpoints, so a commit that returned could still vanish in a power
+            # cut or OS crash; FULL fsyncs the WAL before COMMIT returns. append()
+            # acknowledges an offset only after that COMMIT, so an acknowledged
+            # record survives the process being killed and, on a disk that
+            # honours fsync, the machine losing power.
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
+        for statement in _SCHEMA:
+            connection.execute(statement)
+
+        # The partition count decides where every user's records live, so a log
+        # must never be read back with a different one.
+        with transaction(connection):
+            row = connection.execute(
+                "SELECT value FROM settings WHERE name = 'partitions'"
+            ).fetchone()
+            if row is None:
+                connection.execute(
+                    "INSERT INTO settings (name, value) VALUES ('partitions', ?)",
+                    (partitions,),
+                )
+            elif row[0] != partitions:
+                raise ValueError(
+                    f"the embedded log in {directory} has "
+                    f"{row[0]} partitions, not the {partitions} requested"
+                )
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _load(connection: sqlite3.Connection, partitions: int) -> _StoredState:
+    end_offsets = [0] * partitions
+    for partition, last in connection.execute(
+        'SELECT "partition", MAX("offset") FROM records GROUP BY "partition"'
+    ):
+        end_offsets[partition] = last + 1
+    committed = {
+        (group, partition): offset
+        for group, partition, offset in connection.execute(
+            'SELECT "group", "partition", "offset" FROM committed_offsets'
+        )
+    }
+    return _StoredState(end_offsets=end_offsets, committed=committed)
+
+
+def _write(
+    connection: sqlite3.Connection,
+    records: Sequence[LogRecord],
+    commits: Sequence[tuple[str, int, int]],
+) -> None:
+    with transaction(connection):
+        connection.executemany(
+            'INSERT INTO records ("partition", "offset", "key", "value", timestamp_ms) '
+            "VALUES (?, ?, ?, ?, ?)",
+            [(r.partition, r.offset, r.key, r.value, r.timestamp_ms) for r in records],
+        )
+        connection.executemany(
+            'INSERT OR REPLACE INTO committed_offsets ("group", "partition", "offset") '
+            "VALUES (?, ?, ?)",
+            commits,
+        )
+
+
+def _read(
+    connection: sqlite3.Connection, partition: int, offset: int, max_records: int
+) -> list[LogRecord]:
+    rows = connection.execute(
+        'SELECT "offset", "key", "value", timestamp_ms FROM records '
+        'WHERE "partition" = ? AND "offset" >= ? ORDER BY "offset" LIMIT ?',
+        (partition, offset, max_records),
+    )
+    return [
+        LogRecord(
+            partition=partition,
+            offset=row_offset,
+            key=key,
+            value=value,
+            timestamp_ms=timestamp_ms,
+        )
+        for row_offset, key, value, timestamp_ms in rows
+    ]
+
+
+@attrs.define(eq=False)
+class _PendingAppend:
+    """An append waiting for the transaction that makes it durable."""
+
+    partition: int
+    key: bytes
+    value: bytes
+    done: trio.Event = attrs.field(factory=trio.Event)
+    offset: int | None = None
+    failure: str | None = None
+    abandoned: bool = False
+
+
+@attrs.define(eq=False)
+class _PendingCommit:
+    """A committed offset waiting for the transaction that makes it durable."""
+
+    group: str
+    partition: int
+    offset: int
+    done: trio.Event = attrs.field(factory=trio.Event)
+    failure: str | None = None
+
+
+class EmbeddedBackplane:
+    """A ``Backplane`` kept in a SQLite file (or in memory) by this process alone.
+
+    Open it with ``open_embedded_backplane``. One writer task turns every append
+    and commit waiting at that moment into one transaction (group commit), so
+    many concurrent appenders share one fsync. Offsets are handed out by that
+    task in the order records are written, and become visible (``end_offset``,
+    ``read``) only once their transaction has committed.
+    """
+
+    def __init__(
+        self, database: Database, *, location: str, partitions: int, state: _StoredState
+    ) -> None:
+        self._database = database
+        self._location = location
+        self._partitions = partitions
+
+        # What has committed, mirrored in memory: the next offset of each
+        # partition, its newest records, and every committed group offset.
+        self._end_offsets = list(state.end_offsets)
+        self._tails: list[collections.deque[LogRecord]] = [
+            collections.deque(maxlen=TAIL_RECORDS) for _ in range(partitions)
+        ]
+        self._committed = dict(state.committed)
+
+        # Each partition's event is set and replaced whenever records land in
+        # it, so readers waiting at the end wake on the append itself.
+        self._appended = [trio.Event() for _ in range(partitions)]
+
+        self._pending_appends: list[_PendingAppend] = []
+        self._pending_commits: list[_PendingCommit] = []
+        self._work_ready = trio.Event()
+        self._closing = False
+        self._failure: str | None = None
+        self._writer_done = trio.Event()
+        self._closed = trio.Event()
+
+    @property
+    def partitions(self) -> int:
+        """How many partitions the log has; stored with the log when it is created."""
+        return self._partitions
+
+    async def append(self, partition: int, key: bytes, value: bytes) -> int:
+        """Append one record and return its offset once its transaction committed.
+
+        Raises ``BackplaneUnavailable`` if the backplane is closed, closes before
+        the record's transaction starts, or failed to write. A cancelled call
+        whose record was not yet taken into a transaction appends nothing.
+        """
+        self._check_partition(partition)
+        _check_bytes("key", key)
+        _check_bytes("value", value)
+        self._check_writable()
+
+        pending = _PendingAppend(partition, key, value)
+        self._pending_appends.append(pending)
+        self._work_ready.set()
+        try:
+            await pending.done.wait()
+        except BaseException:
+            # Skipped by the writer if its transaction has not started yet.
+            pending.abandoned = True
+            raise
+
+        if pending.offset is None:
+            raise BackplaneUnavailable(pending.failure)
+        return pending.offset
+
+    async def read(
+        self, partition: int, offset: int, *, max_records: int = 500
+    ) -> Sequence[LogRecord]:
+        """Return up to ``max_records`` records from ``offset`` on, waiting for one.
+
+        Raises ``BackplaneUnavailable`` once the backplane is closed, also in a
+        call that was waiting.
+        """
+        self._check_partition(partition)
+        _check_offset(offset)
+        if not isinstance(max_records, int) or max_records < 1:
+            raise ValueError(f"max_records must be a positive int, not {max_records!r}")
+
+        while offset >= self._end_offsets[partition]:
+            self._check_open()
+            await self._appended[partition].wait()
+        self._check_open()
+
+        tail = self._tails[partition]
+        tail_start = self._end_offsets[partition] - len(tail)
+        if offset >= tail_start:
+            first = offset - tail_start
+            return list(itertools.islice(tail, first, first + max_records))
+
+        try:
+            return await self._database.run(
+                functools.partial(
+                    _read, partition=partition, offset=offset, max_records=max_records
+                )
+            )
+        except trio.ClosedResourceError:
+            raise BackplaneUnavailable(self._closed_message()) from None
+
+    async def end_offset(self, partition: int) -> int:
+        """The offset the next record appended to ``partition`` will get."""
+        self._check_partition(partition)
+        self._check_open()
+        await trio.lowlevel.checkpoint()
+        return self._end_offsets[partition]
+
+    async def commit(self, group: str, partition: int, offset: int) -> None:
+        """Durably record ``offset`` as where ``group`` resumes in ``partition``.
+
+        Any offset may be committed, also one lower than the last (a rewind).
+        """
+        _check_group(group)
+        self._check_partition(partition)
+        _check_offset(offset)
+        self._check_writable()
+
+        pending = _PendingCommit(group, partition, offset)
+        self._pending_commits.append(pending)
+        self._work_ready.set()
+        await pending.done.wait()
+
+        if pending.failure is not None:
+            raise BackplaneUnavailable(pending.failure)
+
+    async def committed(self, group: str, partition: int) -> int | None:
+        """The offset ``group`` last committed for ``partition``, or None."""
+        _check_group(group)
+        self._check_partition(partition)
+        self._check_open()
+        await trio.lowlevel.checkpoint()
+        return self._committed.get((group, partition))
+
+    async def aclose(self) -> None:
+        """Finish the transaction in flight, fail the waiting ones, close the file.
+
+        Everything acknowledged before stays in the file. Idempotent.
+        """
+        # Shielded: the wait is one transaction at most, and a half-closed
+        # backplane would leave appenders waiting forever.
+        with trio.CancelScope(shield=True):
+            if self._closing:
+                await self._closed.wait()
+                return
+
+            self._closing = True
+            self._work_ready.set()
+            for event in self._appended:
+                event.set()
+
+            await self._writer_done.wait()
+            await self._database.aclose()
+            self._closed.set()
+            logger.info("embedded backplane at %s closed", self._location)
+
+    async def _write_batches(self) -> None:
+        """The writer task: one transaction at a time, each taking all that waits."""
+        try:
+            while True:
+                # 1. Wait until there is something to write, or the end.
+                while not (
+                    self._pending_appends or self._pending_commits or self._closing
+                ):
+                    self._work_ready = trio.Event()
+                    await self._work_ready.wait()
+                if self._closing:
+                    return
+
+                # 2. Take a batch and give its records their offsets; the
+                # offsets become real only if the transaction commits.
+                appends = [
+                    a for a in self._pending_appends[:MAX_BATCH] if not a.abandoned
+                ]
+                del self._pending_appends[:MAX_BATCH]
+                commits, self._pending_commits = self._pending_commits, []
+                records = self._number(appends)
+
+                # 3. Write it. Shielded so that a cancelled writer still learns
+                # the outcome of a transaction the worker thread carries on with.
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self._database.run(
+                            functools.partial(
+                                _write,
+                                records=records,
+                                commits=[
+                                    (c.group, c.partition, c.offset) for c in commits
+                                ],
+                            )
+                        )
+                except (sqlite3.Error, OSError) as exc:
+                    # Whether a failed COMMIT reached the disk is unknown, so no
+                    # further offset can be handed out safely until the file is
+                    # reopened and read back.
+                    logger.error(
+                        "embedded backplane at %s failed to write",
+                        self._location,
+                        exc_info=True,
+                    )
+                    self._failure = (
+                        f"the embedded log at {self._location} failed to write: {exc!r}"
+                    )
+                    for append in appends:
+                        append.failure = self._failure
+                        append.done.set()
+                    for commit in commits:
+                        commit.failure = self._failure
+                        commit.done.set()
+                    return
+
+                # 4. Publish: no checkpoint from here on, so readers see the new
+                # end offset and the records together.
+                self._publish(records, appends, commits)
+        finally:
+            self._fail_pending()
+            self._writer_done.set()
+
+    def _number(self, appends: Sequence[_PendingAppend]) -> list[LogRecord]:
+        next_offsets = list(self._end_offsets)
+        timestamp_ms = time.time_ns() // 1_000_000
+        records = []
+        for append in appends:
+            records.append(
+                LogRecord(
+                    partition=append.partition,
+                    offset=next_offsets[append.partition],
+                    key=append.key,
+                    value=append.value,
+                    timestamp_ms=timestamp_ms,
+                )
+            )
+            next_offsets[append.partition] += 1
+        return records
+
+    def _publish(
+        self,
+        records: Sequence[LogRecord],
+        appends: Sequence[_PendingAppend],
+        commits: Sequence[_PendingCommit],
+    ) -> None:
+        touched = set()
+        for record, append in zip(records, appends, strict=True):
+            self._end_offsets[record.partition] = record.offset + 1
+            self._tails[record.partition].append(record)
+            touched.add(record.partition)
+            append.offset = record.offset
+            append.done.set()
+
+        for commit in commits:
+            self._committed[commit.group, commit.partition] = commit.offset
+            commit.done.set()
+
+        for partition in touched:
+            self._appended[partition].set()
+            self._appended[partition] = trio.Event()
+
+    def _fail_pending(self) -> None:
+        message = self._failure or self._closed_message()
+        for append in self._pending_appends:
+            append.failure = message
+            append.done.set()
+        for commit in self._pending_commits:
+            commit.failure = message
+            commit.done.set()
+        self._pending_appends.clear()
+        self._pending_commits.clear()
+
+    def _closed_message(self) -> str:
+        return f"the embedded log at {self._location} is closed"
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise BackplaneUnavailable(self._closed_message())
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._failure is not None:
+            raise BackplaneUnavailable(self._failure)
+
+    def _check_partition(self, partition: int) -> None:
+        if not isinstance(partition, int) or isinstance(partition, bool):
+            raise TypeError(f"partition must be an int, not {partition!r}")
+        if not 0 <= partition < self._partitions:
+            raise ValueError(
+                f"partition {partition!r} is out of range for a log of "
+                f"{self._partitions} partitions"
+            )
+
+
+def _check_offset(offset: int) -> None:
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise TypeError(f"offset must be an int, not {offset!r}")
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, not {offset!r}")
+
+
+def _check_bytes(name: str, data: bytes) -> None:
+    if not isinstance(data, bytes):
+        raise TypeError(f"{name} must be bytes, not {data!r}")
+
+
+def _check_group(group: str) -> None:
+    if not isinstance(group, str):
+        raise TypeError(f"group must be a str, not {group!r}")
+    if not group:
+        raise ValueError(f"group must not be empty, not {group!r}")
+
+
+@asynccontextmanager
+async def open_embedded_backplane(
+    directory: str | os.PathLike[str] | None, *, partitions: int
+) -> AsyncIterator[EmbeddedBackplane]:
+    """Open the embedded log in ``directory`` (None: in memory) for the block.
+
+    The directory is created if needed. A new log stores ``partitions``;
+    reopening it with another count raises ``ValueError``. The backplane is
+    closed when the block exits.
+    """
+    if not isinstance(partitions, int) or isinstance(partitions, bool):
+        raise TypeError(f"partitions must be an int, not {partitions!r}")
+    if partitions < 1:
+        raise ValueError(f"partitions must be at least 1, not {partitions!r}")
+    path = None if directory is None else Path(directory)
+    location = ":memory:" if path is None else os.fspath(path)
+
+    connection = await trio.to_thread.run_sync(_connect, path, partitions)
+    database = Database(connection)
+    try:
+        state = await database.run(functools.partial(_load, partitions=partitions))
+    except BaseException:
+        await database.aclose()
+        raise
+    logger.info(
+        "embedded backplane at %s opened with %d partitions", location, partitions
+    )
+
+    backplane = EmbeddedBackplane(
+        database, location=location, partitions=partitions, state=state
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backplane._write_batches)
+        try:
+            yield backplane
+        finally:
+            await backplane.aclose()
