@@ -7,9 +7,11 @@ whose ``open`` opens backplanes on one log private to that test.
 
 from __future__ import annotations
 
+import functools
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -19,6 +21,7 @@ import trio.testing
 
 from msgnet._backplane import Backplane, BackplaneUnavailable, LogRecord
 from msgnet._embedded import open_embedded_backplane
+from msgnet._kafka import create_inbox_topic, open_kafka_backplane
 
 PARTITIONS = 4
 
@@ -61,9 +64,30 @@ def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> BackplaneFactory:
     )
 
 
+def _kafka(request: pytest.FixtureRequest, tmp_path: Path) -> BackplaneFactory:
+    bootstrap: str = request.getfixturevalue("kafka_bootstrap")
+    # A fresh topic per test is the log private to it; the broker is shared.
+    topic = f"test-contract-{uuid.uuid4().hex}"
+
+    @asynccontextmanager
+    async def open_kafka(partitions: int) -> AsyncIterator[Backplane]:
+        await trio.to_thread.run_sync(
+            functools.partial(
+                create_inbox_topic, bootstrap, topic, partitions=partitions
+            )
+        )
+        async with open_kafka_backplane(
+            bootstrap, topic=topic, partitions=partitions
+        ) as backplane:
+            yield backplane
+
+    return BackplaneFactory(open=open_kafka, durable=True)
+
+
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "memory": Implementation(build=_memory),
     "sqlite": Implementation(build=_sqlite),
+    "kafka": Implementation(build=_kafka, marks=(pytest.mark.kafka,)),
 }
 
 

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import KafkaAdminClient
 
 from msgnet._devkafka import DevKafka
 
@@ -17,7 +17,7 @@ def _new_topic(bootstrap: str) -> str:
     name = f"test-devkafka-{uuid.uuid4().hex}"
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
+        admin.create_topics({name: {"num_partitions": 1, "replication_factor": 1}})
     finally:
         admin.close()
     return name

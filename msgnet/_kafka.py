@@ -1,0 +1,643 @@
+"""The Kafka backplane: the inbox log as a Kafka topic, reached through kafka-python."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import attrs
+import trio
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from ._backplane import BackplaneUnavailable, LogRecord
+
+__all__ = [
+    "DEFAULT_TOPIC",
+    "KafkaBackplane",
+    "create_inbox_topic",
+    "open_kafka_backplane",
+]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+DEFAULT_TOPIC = "msgnet.inbox"
+"""The inbox topic's name unless configured otherwise."""
+
+_POLL_INTERVAL_MS = 100
+"""How long one consumer poll blocks; a waiting read notices cancellation this fast."""
+
+_UNKNOWN_TOPIC_OR_PARTITION = 3
+"""Kafka's error code for a topic that does not exist."""
+
+
+def _describe_partitions(admin: Any, name: str) -> int | None:
+    """The topic's partition count, or None if it does not exist (blocking)."""
+    (topic,) = admin.describe_topics([name])
+    if topic["error_code"] == _UNKNOWN_TOPIC_OR_PARTITION:
+        return None
+    if topic["error_code"] != 0:
+        raise BackplaneUnavailable(
+            f"Kafka could not describe topic {name!r}: error code {topic['error_code']}"
+        )
+    return len(topic["partitions"])
+
+
+def _check_partition_count(name: str, found: int | None, expected: int) -> None:
+    if found is None:
+        raise ValueError(
+            f"Kafka topic {name!r} does not exist; create it with {expected} "
+            "partitions (create_inbox_topic) before opening the backplane"
+        )
+    if found != expected:
+        raise ValueError(
+            f"Kafka topic {name!r} has {found} partitions, not the {expected} "
+            "configured; users would be routed to the wrong partitions"
+        )
+
+
+def create_inbox_topic(
+    bootstrap: str,
+    name: str = DEFAULT_TOPIC,
+    *,
+    partitions: int,
+    replication_factor: int = 1,
+) -> bool:
+    """Create the inbox topic, or check the one that exists (blocking).
+
+    Returns True if the topic was created, False if it already existed with
+    ``partitions`` partitions. Raises ``ValueError`` if it exists with another
+    count, and ``BackplaneUnavailable`` if Kafka cannot be reached.
+    """
+    if partitions < 1:
+        raise ValueError(f"partitions must be at least 1, not {partitions!r}")
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    except KafkaError as exc:
+        raise BackplaneUnavailable(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    try:
+        existing = _describe_partitions(admin, name)
+        if existing is None:
+            try:
+                admin.create_topics(
+                    {
+                        name: {
+                            "num_partitions": partitions,
+                            "replication_factor": replication_factor,
+                            # A record's timestamp is when the broker appended it,
+                            # as LogRecord.timestamp_ms promises, not a client's
+                            # clock.
+                            "configs": {"message.timestamp.type": "LogAppendTime"},
+                        }
+                    },
+                    wait_for_metadata=True,
+                )
+                logger.info(
+                    "created Kafka topic %s with %d partitions", name, partitions
+                )
+                return True
+            except TopicAlreadyExistsError:
+                # Another server created it between the describe and the create.
+                existing = _describe_partitions(admin, name)
+        _check_partition_count(name, existing, partitions)
+        return False
+    except KafkaError as exc:
+        raise BackplaneUnavailable(
+            f"Kafka at {bootstrap} failed to create topic {name!r}: {exc}"
+        ) from exc
+    finally:
+        admin.close()
+
+
+@attrs.define(eq=False)
+class _PendingAppend:
+    """An append handed to the producer, waiting for Kafka's acknowledgement."""
+
+    partition: int
+    key: bytes
+    value: bytes
+    done: trio.Event = attrs.field(factory=trio.Event)
+    offset: int | None = None
+    failure: str | None = None
+
+
+@attrs.define(eq=False)
+class _PartitionReader:
+    """One partition's consumer, used by one thread at a time under ``lock``."""
+
+    partition: TopicPartition
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    consumer: Any = None
+    position: int | None = None
+    """Where the consumer will fetch next, if a read left it at a known place."""
+
+
+@attrs.define(eq=False)
+class _GroupClient:
+    """A consumer that commits for one group without joining it."""
+
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    consumer: Any = None
+
+
+class KafkaBackplane:
+    """A ``Backplane`` on one Kafka topic; open it with ``open_kafka_backplane``.
+
+    kafka-python blocks, so it runs off the trio thread:
+
+    - Appends go through one thread-safe ``KafkaProducer``, which batches them.
+      One sender thread hands queued records to ``send()`` (which can block on
+      metadata or a full buffer); the producer's own I/O thread reports each
+      acknowledgement through the trio token, so no thread waits per record.
+    - Each partition that is read has its own ``KafkaConsumer`` (a consumer is
+      not thread-safe), used by one worker thread at a time. A read polls in
+      short steps so that a cancelled read gives its thread back quickly, and
+      the consumer stays where the last read ended, so a reader following a
+      partition uses Kafka's prefetched records without a seek.
+    - Commits go through one consumer per group that never joins the group: it
+      commits explicit offsets (generation -1), which Kafka accepts for a group
+      with no subscribed members.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topic: str,
+        partitions: int,
+        producer: Any,
+        request_timeout_ms: int,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._partitions = partitions
+        self._producer = producer
+        self._request_timeout_ms = request_timeout_ms
+        self._token = trio.lowlevel.current_trio_token()
+
+        self._outbox: queue.SimpleQueue[_PendingAppend | None] = queue.SimpleQueue()
+        self._unsettled: set[_PendingAppend] = set()
+        self._sender = threading.Thread(
+            target=self._send_loop, name=f"msgnet-kafka-sender-{topic}", daemon=True
+        )
+
+        self._readers = [
+            _PartitionReader(partition=TopicPartition(topic, p))
+            for p in range(partitions)
+        ]
+        self._read_cancels: set[threading.Event] = set()
+        # Waiting reads hold their thread, so they get a limiter of their own
+        # and cannot starve other trio.to_thread users of the default one.
+        self._read_limiter = trio.CapacityLimiter(2 * partitions + 4)
+
+        self._offsets_client = _GroupClient()
+        self._groups: dict[str, _GroupClient] = {}
+
+        self._closing = False
+        self._closed = trio.Event()
+
+    @property
+    def partitions(self) -> int:
+        """The topic's partition count, checked when the backplane was opened."""
+        return self._partitions
+
+    async def append(self, partition: int, key: bytes, value: bytes) -> int:
+        """Append one record and return its offset once every in-sync replica has it.
+
+        Raises ``BackplaneUnavailable`` if Kafka refuses it or does not confirm
+        it within the delivery timeout, or if the backplane is closed. A
+        cancelled call may still have appended its record.
+        """
+        self._check_partition(partition)
+        _check_bytes("key", key)
+        _check_bytes("value", value)
+        self._check_open()
+
+        pending = _PendingAppend(partition, key, value)
+        self._unsettled.add(pending)
+        self._outbox.put(pending)
+        await pending.done.wait()
+
+        if pending.offset is None:
+            raise BackplaneUnavailable(pending.failure)
+        return pending.offset
+
+    async def read(
+        self, partition: int, offset: int, *, max_records: int = 500
+    ) -> Sequence[LogRecord]:
+        """Return up to ``max_records`` records from ``offset`` on, waiting for one.
+
+        Raises ``BackplaneUnavailable`` once the backplane closes, also in a call
+        that was waiting, or if the consumer fails.
+        """
+        self._check_partition(partition)
+        _check_offset(offset)
+        if not isinstance(max_records, int) or max_records < 1:
+            raise ValueError(f"max_records must be a positive int, not {max_records!r}")
+        self._check_open()
+
+        cancel = threading.Event()
+        self._read_cancels.add(cancel)
+        try:
+            records = await trio.to_thread.run_sync(
+                self._read_blocking,
+                self._readers[partition],
+                offset,
+                max_records,
+                cancel,
+                abandon_on_cancel=True,
+                limiter=self._read_limiter,
+            )
+        finally:
+            # Tells an abandoned thread to stop polling and free the consumer.
+            cancel.set()
+            self._read_cancels.discard(cancel)
+
+        if records is None:
+            raise BackplaneUnavailable(self._closed_message())
+        return records
+
+    async def end_offset(self, partition: int) -> int:
+        """The partition's high watermark: the offset of the next record."""
+        self._check_partition(partition)
+        self._check_open()
+        tp = self._readers[partition].partition
+
+        def fetch(consumer: Any) -> int:
+            end: int = consumer.end_offsets([tp], timeout_ms=self._request_timeout_ms)[
+                tp
+            ]
+            return end
+
+        return await self._run_control(self._offsets_client, None, fetch)
+
+    async def commit(self, group: str, partition: int, offset: int) -> None:
+        """Commit ``offset`` for ``group`` in Kafka; the latest commit wins."""
+        _check_group(group)
+        self._check_partition(partition)
+        _check_offset(offset)
+        self._check_open()
+        tp = self._readers[partition].partition
+
+        def commit(consumer: Any) -> None:
+            consumer.commit(
+                {tp: OffsetAndMetadata(offset, "", -1)},
+                timeout_ms=self._request_timeout_ms,
+            )
+
+        await self._run_control(self._group_client(group), group, commit)
+
+    async def committed(self, group: str, partition: int) -> int | None:
+        """The offset ``group`` last committed for ``partition``, or None."""
+        _check_group(group)
+        self._check_partition(partition)
+        self._check_open()
+        tp = self._readers[partition].partition
+
+        def fetch(consumer: Any) -> int | None:
+            offset: int | None = consumer.committed(
+                tp, timeout_ms=self._request_timeout_ms
+            )
+            return offset
+
+        return await self._run_control(self._group_client(group), group, fetch)
+
+    async def aclose(self) -> None:
+        """Flush the producer, fail what it could not confirm, close every client.
+
+        Waiting reads end with ``BackplaneUnavailable``. Idempotent.
+        """
+        # Shielded: closing waits for Kafka to confirm what is in flight, and a
+        # half-closed backplane would leave appenders waiting forever.
+        with trio.CancelScope(shield=True):
+            if self._closing:
+                await self._closed.wait()
+                return
+
+            self._closing = True
+            for cancel in self._read_cancels:
+                cancel.set()
+            self._outbox.put(None)
+            await trio.to_thread.run_sync(self._close_clients)
+
+            # Acknowledgements reported while the producer flushed were queued
+            # on the trio token before the thread above returned, so they have
+            # run; what is left was never confirmed.
+            for pending in list(self._unsettled):
+                self._settle(pending, None, self._closed_message())
+            self._closed.set()
+            logger.info("Kafka backplane on topic %s closed", self._topic)
+
+    # The sender thread and the producer's callbacks.
+
+    def _send_loop(self) -> None:
+        while (pending := self._outbox.get()) is not None:
+            try:
+                future = self._producer.send(
+                    self._topic,
+                    key=pending.key,
+                    value=pending.value,
+                    partition=pending.partition,
+                )
+            except Exception as exc:
+                # send() raises for a full buffer or unknown metadata past
+                # max_block_ms, or a producer closed under it.
+                self._settle_soon(pending, None, f"Kafka refused the record: {exc!r}")
+                continue
+            future.add_callback(self._on_delivered, pending)
+            future.add_errback(self._on_failed, pending)
+
+    def _on_delivered(self, pending: _PendingAppend, metadata: Any) -> None:
+        self._settle_soon(pending, metadata.offset, None)
+
+    def _on_failed(self, pending: _PendingAppend, exc: BaseException) -> None:
+        self._settle_soon(
+            pending, None, f"Kafka did not confirm the append to {self._topic}: {exc!r}"
+        )
+
+    def _settle_soon(
+        self, pending: _PendingAppend, offset: int | None, failure: str | None
+    ) -> None:
+        # Called from kafka-python's threads: only the trio thread may touch
+        # the pending append's event.
+        try:
+            self._token.run_sync_soon(self._settle, pending, offset, failure)
+        except trio.RunFinishedError:
+            logger.warning(
+                "Kafka acknowledgement for partition %d arrived after trio exited",
+                pending.partition,
+            )
+
+    def _settle(
+        self, pending: _PendingAppend, offset: int | None, failure: str | None
+    ) -> None:
+        if pending not in self._unsettled:
+            return
+        self._unsettled.discard(pending)
+        pending.offset = offset
+        pending.failure = failure
+        pending.done.set()
+
+    # Reading and control calls, run in worker threads.
+
+    def _new_consumer(self, group: str | None) -> Any:
+        return KafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=group,
+            enable_auto_commit=False,
+            # An offset that is out of range is handled by _read_blocking, so a
+            # reader is never moved backwards behind its caller's back.
+            auto_offset_reset="none",
+            request_timeout_ms=self._request_timeout_ms,
+        )
+
+    def _read_blocking(
+        self,
+        reader: _PartitionReader,
+        offset: int,
+        max_records: int,
+        cancel: threading.Event,
+    ) -> list[LogRecord] | None:
+        with reader.lock:
+            try:
+                if reader.consumer is None:
+                    reader.consumer = self._new_consumer(None)
+                    reader.consumer.assign([reader.partition])
+                return self._poll_until_records(reader, offset, max_records, cancel)
+            except KafkaError as exc:
+                reader.position = None
+                raise BackplaneUnavailable(
+                    f"reading {self._topic} partition {reader.partition.partition} "
+                    f"at offset {offset} failed: {exc!r}"
+                ) from exc
+
+    def _poll_until_records(
+        self,
+        reader: _PartitionReader,
+        offset: int,
+        max_records: int,
+        cancel: threading.Event,
+    ) -> list[LogRecord] | None:
+        consumer = reader.consumer
+        tp = reader.partition
+        while not cancel.is_set():
+            if reader.position != offset:
+                consumer.seek(tp, offset)
+                reader.position = offset
+            try:
+                batch = consumer.poll(
+                    timeout_ms=_POLL_INTERVAL_MS, max_records=max_records
+                ).get(tp, [])
+            except OffsetOutOfRangeError:
+                reader.position = None
+                start = consumer.beginning_offsets([tp])[tp]
+                if offset < start:
+                    # Retention removed the offset: continue at the oldest record.
+                    offset = start
+                else:
+                    # Ahead of the end: wait for the log to reach it.
+                    cancel.wait(_POLL_INTERVAL_MS / 1000)
+                continue
+            if not batch:
+                continue
+
+            reader.position = batch[-1].offset + 1
+            return [
+                LogRecord(
+                    partition=tp.partition,
+                    offset=record.offset,
+                    key=record.key if record.key is not None else b"",
+                    value=record.value if record.value is not None else b"",
+                    timestamp_ms=record.timestamp,
+                )
+                for record in batch
+            ]
+        return None
+
+    def _group_client(self, group: str) -> _GroupClient:
+        client = self._groups.get(group)
+        if client is None:
+            client = self._groups[group] = _GroupClient()
+        return client
+
+    async def _run_control(
+        self, client: _GroupClient, group: str | None, call: Callable[[Any], _T]
+    ) -> _T:
+        def run() -> _T:
+            with client.lock:
+                if self._closing:
+                    raise BackplaneUnavailable(self._closed_message())
+                if client.consumer is None:
+                    client.consumer = self._new_consumer(group)
+                return call(client.consumer)
+
+        try:
+            return await trio.to_thread.run_sync(run)
+        except KafkaError as exc:
+            raise BackplaneUnavailable(
+                f"Kafka at {self._bootstrap} failed a request for topic "
+                f"{self._topic}: {exc!r}"
+            ) from exc
+
+    def _close_clients(self) -> None:
+        self._sender.join()
+        # close() flushes: every record handed to send() is acknowledged or
+        # failed (after at most the delivery timeout) before it returns.
+        self._producer.close()
+        clients: list[_GroupClient | _PartitionReader] = [
+            self._offsets_client,
+            *self._groups.values(),
+            *self._readers,
+        ]
+        for client in clients:
+            with client.lock:
+                if client.consumer is not None:
+                    client.consumer.close(autocommit=False)
+                    client.consumer = None
+
+    # Argument and state checks.
+
+    def _closed_message(self) -> str:
+        return f"the Kafka backplane on topic {self._topic} is closed"
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise BackplaneUnavailable(self._closed_message())
+
+    def _check_partition(self, partition: int) -> None:
+        if not isinstance(partition, int) or isinstance(partition, bool):
+            raise TypeError(f"partition must be an int, not {partition!r}")
+        if not 0 <= partition < self._partitions:
+            raise ValueError(
+                f"partition {partition!r} is out of range for topic {self._topic} "
+                f"with {self._partitions} partitions"
+            )
+
+
+def _check_offset(offset: int) -> None:
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise TypeError(f"offset must be an int, not {offset!r}")
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, not {offset!r}")
+
+
+def _check_bytes(name: str, data: bytes) -> None:
+    if not isinstance(data, bytes):
+        raise TypeError(f"{name} must be bytes, not {data!r}")
+
+
+def _check_group(group: str) -> None:
+    if not isinstance(group, str):
+        raise TypeError(f"group must be a str, not {group!r}")
+    if not group:
+        raise ValueError(f"group must not be empty, not {group!r}")
+
+
+def _connect(
+    bootstrap: str,
+    *,
+    topic: str,
+    partitions: int | None,
+    linger_ms: int,
+    delivery_timeout_ms: int,
+    request_timeout_ms: int,
+) -> tuple[Any, int]:
+    """Check the topic, connect a producer; return it and the partition count."""
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            found = _describe_partitions(admin, topic)
+        finally:
+            admin.close()
+        if partitions is None and found is None:
+            raise ValueError(
+                f"Kafka topic {topic!r} does not exist; create it (create_inbox_topic) "
+                "before opening the backplane"
+            )
+        expected = partitions if partitions is not None else found
+        assert expected is not None
+        _check_partition_count(topic, found, expected)
+
+        producer = KafkaProducer(
+            bootstrap_servers=bootstrap,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=linger_ms,
+            batch_size=64 * 1024,
+            delivery_timeout_ms=delivery_timeout_ms,
+            request_timeout_ms=request_timeout_ms,
+            max_block_ms=delivery_timeout_ms,
+            allow_auto_create_topics=False,
+        )
+    except KafkaError as exc:
+        raise BackplaneUnavailable(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    return producer, expected
+
+
+@asynccontextmanager
+async def open_kafka_backplane(
+    bootstrap: str,
+    *,
+    topic: str = DEFAULT_TOPIC,
+    partitions: int | None = None,
+    linger_ms: int = 2,
+    delivery_timeout_s: float = 30.0,
+) -> AsyncIterator[KafkaBackplane]:
+    """Open a backplane on an existing ``topic``.
+
+    With ``partitions`` given, the topic must have that many; without, the
+    backplane takes the topic's count.
+    ``linger_ms`` is how long the producer waits to fill a batch;
+    ``delivery_timeout_s`` bounds how long an append may wait for Kafka before
+    it fails with ``BackplaneUnavailable`` (it rides out a broker restart).
+    Raises ``ValueError`` if the topic is missing or has another partition
+    count. The backplane is closed when the block exits.
+    """
+    if partitions is not None and partitions < 1:
+        raise ValueError(f"partitions must be at least 1, not {partitions!r}")
+    if delivery_timeout_s <= 0:
+        raise ValueError(
+            f"delivery_timeout_s must be positive, not {delivery_timeout_s!r}"
+        )
+    delivery_timeout_ms = int(delivery_timeout_s * 1000)
+    # Kafka requires delivery.timeout.ms >= linger.ms + request.timeout.ms.
+    request_timeout_ms = max(1000, min(30_000, delivery_timeout_ms - linger_ms))
+
+    producer, count = await trio.to_thread.run_sync(
+        functools.partial(
+            _connect,
+            bootstrap,
+            topic=topic,
+            partitions=partitions,
+            linger_ms=linger_ms,
+            delivery_timeout_ms=delivery_timeout_ms,
+            request_timeout_ms=request_timeout_ms,
+        )
+    )
+    backplane = KafkaBackplane(
+        bootstrap=bootstrap,
+        topic=topic,
+        partitions=count,
+        producer=producer,
+        request_timeout_ms=request_timeout_ms,
+    )
+    backplane._sender.start()
+    logger.info(
+        "Kafka backplane on topic %s at %s opened with %d partitions",
+        topic,
+        bootstrap,
+        count,
+    )
+    try:
+        yield backplane
+    finally:
+        await backplane.aclose()
