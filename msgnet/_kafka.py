@@ -186,6 +186,9 @@ class KafkaBackplane:
 
         self._outbox: queue.SimpleQueue[_PendingAppend | None] = queue.SimpleQueue()
         self._unsettled: set[_PendingAppend] = set()
+        self._outcomes: list[tuple[_PendingAppend, int | None, str | None]] = []
+        self._outcomes_lock = threading.Lock()
+        self._outcomes_scheduled = False
         self._sender = threading.Thread(
             target=self._send_loop, name=f"msgnet-kafka-sender-{topic}", daemon=True
         )
@@ -367,15 +370,27 @@ class KafkaBackplane:
     def _settle_soon(
         self, pending: _PendingAppend, offset: int | None, failure: str | None
     ) -> None:
-        # Called from kafka-python's threads: only the trio thread may touch
-        # the pending append's event.
+        # Called from kafka-python's threads: only the trio thread may touch the
+        # pending append's event. Outcomes are collected and handed over in
+        # batches, one trio wake-up for all that arrived meanwhile.
+        with self._outcomes_lock:
+            self._outcomes.append((pending, offset, failure))
+            if self._outcomes_scheduled:
+                return
+            self._outcomes_scheduled = True
         try:
-            self._token.run_sync_soon(self._settle, pending, offset, failure)
+            self._token.run_sync_soon(self._settle_outcomes)
         except trio.RunFinishedError:
             logger.warning(
-                "Kafka acknowledgement for partition %d arrived after trio exited",
-                pending.partition,
+                "Kafka acknowledgements arrived after trio exited; dropped them"
             )
+
+    def _settle_outcomes(self) -> None:
+        with self._outcomes_lock:
+            outcomes, self._outcomes = self._outcomes, []
+            self._outcomes_scheduled = False
+        for pending, offset, failure in outcomes:
+            self._settle(pending, offset, failure)
 
     def _settle(
         self, pending: _PendingAppend, offset: int | None, failure: str | None
