@@ -1,0 +1,93 @@
+"""Length-prefixed framing: a 4-byte big-endian body length, then the body."""
+
+from __future__ import annotations
+
+from ._codec import encode_message
+from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from ._messages import Message
+
+__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameDecoder", "encode_frame"]
+
+DEFAULT_MAX_FRAME_SIZE = 1_048_576
+"""Largest frame body, in bytes, accepted unless configured otherwise (1 MiB)."""
+
+_PREFIX = 4
+# The prefix is an unsigned 32-bit number, so no limit can go beyond this.
+_MAX_PREFIX_VALUE = 2**32 - 1
+
+
+def _check_limit(max_frame_size: int) -> None:
+    if type(max_frame_size) is not int or not 1 <= max_frame_size <= _MAX_PREFIX_VALUE:
+        raise ValueError(
+            f"max_frame_size must be an int from 1 to {_MAX_PREFIX_VALUE}, "
+            f"got {max_frame_size!r}"
+        )
+
+
+def encode_frame(
+    message: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+) -> bytes:
+    """Return the complete frame (length prefix and body) carrying message.
+
+    Raises LocalProtocolError if the body is larger than max_frame_size, since the
+    peer would refuse the frame and close the connection.
+    """
+    body = encode_message(message)
+    if len(body) > max_frame_size:
+        raise LocalProtocolError(
+            f"{type(message).__name__} encodes to {len(body)} bytes, over the "
+            f"frame size limit of {max_frame_size}"
+        )
+    return len(body).to_bytes(_PREFIX, "big") + body
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies; does no I/O itself.
+
+    ``feed`` the bytes as they arrive, then call ``next_frame`` until it returns
+    None. A bad length prefix raises RemoteProtocolError, and keeps raising it,
+    because the stream cannot be resynchronised after it.
+    """
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        _check_limit(max_frame_size)
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """The number of bytes received but not yet returned in a frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes received from the peer."""
+        self._buffer += data
+
+    def next_frame(self) -> bytes | None:
+        """Return the next complete frame body, or None if more bytes are needed."""
+        buffer = self._buffer
+        if len(buffer) < _PREFIX:
+            return None
+
+        # The length is judged as soon as the prefix is here, before any of the
+        # body is waited for, so an oversized claim costs us nothing to refuse.
+        length = int.from_bytes(buffer[:_PREFIX], "big")
+        if length > self.max_frame_size:
+            raise RemoteProtocolError(
+                f"frame length {length} is over the limit of {self.max_frame_size} "
+                "bytes",
+                code=ErrorCode.FRAME_TOO_LARGE,
+            )
+        if length == 0:
+            raise RemoteProtocolError(
+                "frame length 0: a frame must hold one msgpack map",
+                code=ErrorCode.BAD_FRAME,
+            )
+
+        end = _PREFIX + length
+        if len(buffer) < end:
+            return None
+        body = bytes(buffer[_PREFIX:end])
+        # Deleting from the front of a bytearray only moves its start pointer.
+        del buffer[:end]
+        return body
