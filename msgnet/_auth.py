@@ -12,7 +12,7 @@ import jwt
 __all__ = ["AuthError", "load_or_create_secret", "mint_token", "verify_token"]
 
 ALGORITHM = "HS256"
-"""The only algorithm accepted: pinning it stops "alg: none" and key-confusion tricks."""
+"""The only algorithm accepted: pinning it stops "none" and key-confusion tricks."""
 
 DEFAULT_TOKEN_TTL = 7 * 24 * 3600
 MIN_SECRET_LENGTH = 32

@@ -69,7 +69,7 @@ class Backplane(Protocol):
         ...
 
     async def commit(self, group: str, partition: int, offset: int) -> None:
-        """Durably record that ``group`` has processed ``partition`` up to ``offset``."""
+        """Durably record that ``group`` has read ``partition`` up to ``offset``."""
         ...
 
     async def committed(self, group: str, partition: int) -> int | None:

@@ -11,7 +11,13 @@ from typing import Any
 
 import attrs
 
-__all__ = ["ConfigError", "ServerConfig", "add_config_arguments", "load_config"]
+__all__ = [
+    "ConfigError",
+    "ServerConfig",
+    "add_config_arguments",
+    "load_config",
+    "overrides_from_args",
+]
 
 ENV_PREFIX = "MSGNET_"
 
@@ -57,12 +63,15 @@ class ServerConfig:
     """Every setting of a messaging server, each with a documented default."""
 
     host: str = _setting("127.0.0.1", "address the TCP listener binds to")
-    port: int = _setting(7400, "TCP port for clients (0 picks a free one)", validator=_port)
+    port: int = _setting(
+        7400, "TCP port for clients (0 picks a free one)", validator=_port
+    )
     advertised_host: str = _setting(
         "", "host clients are redirected to for this server (default: host)"
     )
     metrics_port: int = _setting(
-        9400, "port of the Prometheus /metrics endpoint (0 picks a free one)",
+        9400,
+        "port of the Prometheus /metrics endpoint (0 picks a free one)",
         validator=_port,
     )
     metrics_enabled: bool = _setting(True, "serve Prometheus metrics over HTTP")
@@ -72,17 +81,21 @@ class ServerConfig:
     secret: str = _setting(
         "", "HMAC secret for client tokens (default: read or create data_dir/secret)"
     )
-    name: str = _setting("", "this server's name in logs and Welcome (default host:port)")
+    name: str = _setting(
+        "", "this server's name in logs and Welcome (default host:port)"
+    )
 
     backplane: str = _setting(
-        "embedded", "message log: embedded (SQLite) or kafka",
+        "embedded",
+        "message log: embedded (SQLite) or kafka",
         validator=_choice("embedded", "kafka"),
     )
     memory: bool = _setting(
         False, "keep the embedded log and history in memory only (tests, demos)"
     )
     partitions: int = _setting(
-        16, "inbox partitions of the embedded log (Kafka: the topic's count)",
+        16,
+        "inbox partitions of the embedded log (Kafka: the topic's count)",
         validator=_positive,
     )
     kafka_bootstrap: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers")
@@ -98,23 +111,27 @@ class ServerConfig:
         10.0, "seconds a new connection has to complete hello", validator=_positive
     )
     idle_timeout: float = _setting(
-        60.0, "seconds of silence before a client is dropped; pings at a third",
+        60.0,
+        "seconds of silence before a client is dropped; pings at a third",
         validator=_positive,
     )
     rate_limit: float = _setting(
         200.0, "sustained requests per second per connection", validator=_positive
     )
     rate_burst: int = _setting(
-        400, "requests a connection may send at once above the rate",
+        400,
+        "requests a connection may send at once above the rate",
         validator=_positive,
     )
     outbound_queue: int = _setting(
-        2000, "frames queued for a slow reader before it is disconnected",
+        2000,
+        "frames queued for a slow reader before it is disconnected",
         validator=_positive,
     )
     max_group_members: int = _setting(1000, "members per group", validator=_positive)
     append_timeout: float = _setting(
-        15.0, "seconds to wait for the log before refusing a send as unavailable",
+        15.0,
+        "seconds to wait for the log before refusing a send as unavailable",
         validator=_positive,
     )
     shutdown_grace: float = _setting(
@@ -132,7 +149,7 @@ _FIELDS = {field.name: field for field in attrs.fields(ServerConfig)}
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML, environment or flag value into the field's type."""
     field = _FIELDS[name]
-    kind = type(field.default)
+    kind: Any = type(field.default)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -203,16 +220,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{field.metadata['help']} (default: {field.default!r})"
         if isinstance(field.default, bool):
             parser.add_argument(
-                flag, dest=field.name, default=None,
-                action=argparse.BooleanOptionalAction, help=help_text,
+                flag,
+                dest=field.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
             )
         else:
             parser.add_argument(
-                flag, dest=field.name, default=None, type=type(field.default),
-                metavar=field.name.upper(), help=help_text,
+                flag,
+                dest=field.name,
+                default=None,
+                type=type(field.default),
+                metavar=field.name.upper(),
+                help=help_text,
             )
 
 
-def overrides_from_args(args: argparse.Namespace, names: Sequence[str] = ()) -> dict[str, Any]:
+def overrides_from_args(
+    args: argparse.Namespace, names: Sequence[str] = ()
+) -> dict[str, Any]:
     """The settings given on the command line, as ``load_config`` overrides."""
     return {name: getattr(args, name, None) for name in names or _FIELDS}

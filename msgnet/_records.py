@@ -45,7 +45,7 @@ class InboxRecord:
 
     def encode(self) -> bytes:
         """The bytes appended to the log: a msgpack array, version first."""
-        return msgpack.packb(
+        encoded: bytes = msgpack.packb(
             [
                 RECORD_VERSION,
                 self.id,
@@ -58,6 +58,7 @@ class InboxRecord:
                 self.origin,
             ]
         )
+        return encoded
 
     @property
     def conversation(self) -> tuple[str, str]:

@@ -10,21 +10,6 @@ import pytest
 from msgnet._devkafka import DevKafka, KafkaToolsMissing
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # kafka-python 3.0 loads its protocol schemas with the legacy
-    # importlib.resources.read_text, which warns (and, inside it, open_text warns)
-    # on Python 3.11. setup.cfg turns warnings into errors; these two are let
-    # through so the Kafka tests can import kafka. read_text is matched only when
-    # kafka's modules call it, so another library's use still fails.
-    config.addinivalue_line(
-        "filterwarnings", r"ignore:read_text is deprecated:DeprecationWarning:kafka\."
-    )
-    config.addinivalue_line(
-        "filterwarnings",
-        r"ignore:open_text is deprecated:DeprecationWarning:importlib\.resources",
-    )
-
-
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[DevKafka | None]:
     """The session's development broker, or None when MSGNET_KAFKA_BOOTSTRAP is set.

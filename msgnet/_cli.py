@@ -1,0 +1,327 @@
+"""The ``msgnet`` command: serve, mint tokens, chat, send and listen."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+
+import trio
+
+import protocol
+
+from ._auth import AuthError, load_or_create_secret, mint_token
+from ._client import Client, ConnectionLost, RequestFailed, ServerRefused, open_client
+from ._config import (
+    ConfigError,
+    ServerConfig,
+    add_config_arguments,
+    load_config,
+    overrides_from_args,
+)
+from ._devkafka import main as dev_kafka_main
+from ._server import RunningServer, serve
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = ServerConfig()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        result: int = args.run(args)
+    except (ConfigError, AuthError) as exc:
+        print(f"msgnet: {exc}", file=sys.stderr)
+        return 2
+    except ServerRefused as exc:
+        print(f"msgnet: the server refused the connection: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ConnectionLost) as exc:
+        print(f"msgnet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msgnet",
+        description="A chat messaging server with Kafka as its pub/sub backplane.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="run a messaging server",
+        description="Run a messaging server. Settings come from the TOML file, then "
+        "MSGNET_<SETTING> environment variables, then these flags.",
+    )
+    serve_cmd.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve_cmd.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    add_config_arguments(serve_cmd)
+    serve_cmd.set_defaults(run=_serve)
+
+    token_cmd = commands.add_parser(
+        "token", help="mint a client token for a user from the server's secret"
+    )
+    token_cmd.add_argument("user")
+    token_cmd.add_argument("--ttl", type=float, default=7 * 24 * 3600, help="seconds")
+    _add_secret_arguments(token_cmd)
+    token_cmd.set_defaults(run=_token)
+
+    chat_cmd = commands.add_parser(
+        "chat",
+        help="interactive terminal chat",
+        description=CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_client_arguments(chat_cmd)
+    chat_cmd.set_defaults(run=_chat)
+
+    send_cmd = commands.add_parser("send", help="send one message and wait for its ack")
+    _add_client_arguments(send_cmd)
+    target = send_cmd.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", help="recipient user")
+    target.add_argument("--group", help="recipient group")
+    send_cmd.add_argument("text")
+    send_cmd.set_defaults(run=_send)
+
+    listen_cmd = commands.add_parser(
+        "listen", help="print messages as they arrive, one line each"
+    )
+    _add_client_arguments(listen_cmd)
+    listen_cmd.add_argument(
+        "--count", type=int, default=0, help="exit after this many (0: never)"
+    )
+    listen_cmd.set_defaults(run=_listen)
+
+    kafka_cmd = commands.add_parser(
+        "dev-kafka",
+        help="run a single-node Apache Kafka on 127.0.0.1 for development",
+        add_help=False,
+    )
+    kafka_cmd.add_argument("rest", nargs=argparse.REMAINDER)
+    kafka_cmd.set_defaults(run=_dev_kafka)
+    return parser
+
+
+def _add_secret_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("MSGNET_DATA_DIR", DEFAULTS.data_dir),
+        help="server data directory holding the secret (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--secret",
+        default=os.environ.get("MSGNET_SECRET", ""),
+        help="the token secret itself, instead of reading it from --data-dir",
+    )
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", required=True, help="your user id")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULTS.port)
+    parser.add_argument("--device", default="cli", help="device name (default: cli)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("MSGNET_TOKEN", ""),
+        help="client token (default: mint one from the local server's secret)",
+    )
+    _add_secret_arguments(parser)
+
+
+def _secret(args: argparse.Namespace) -> str:
+    if args.secret:
+        return str(args.secret)
+    if not os.path.exists(os.path.join(args.data_dir, "secret")):
+        raise ConfigError(
+            f"no secret in {args.data_dir!r}: start `msgnet serve` there first, "
+            "or pass --secret or --token"
+        )
+    return load_or_create_secret(args.data_dir)[0]
+
+
+def _token(args: argparse.Namespace) -> int:
+    print(mint_token(_secret(args), args.user, ttl=args.ttl))
+    return 0
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, object]:
+    token = args.token or mint_token(_secret(args), args.user, ttl=3600)
+    return {"user": args.user, "token": token, "device": args.device}
+
+
+# --- serve ----------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(toml_path=args.config, overrides=overrides_from_args(args))
+    trio.run(_serve_until_signalled, config)
+    return 0
+
+
+async def _serve_until_signalled(config: ServerConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            running: RunningServer = await nursery.start(serve, config)
+            async for signum in signals:
+                logger.info("received %s; shutting down", signal.Signals(signum).name)
+                running.shutdown()
+                break
+
+
+# --- clients ---------------------------------------------------------------------
+
+
+def _send(args: argparse.Namespace) -> int:
+    async def send() -> None:
+        async with open_client(args.host, args.port, **_client_options(args)) as client:
+            if args.to is not None:
+                ack = await client.send(args.to, args.text)
+            else:
+                ack = await client.send_group(args.group, args.text)
+            print(f"sent {ack.id} at {_positions(ack)}")
+
+    try:
+        trio.run(send)
+    except RequestFailed as exc:
+        print(f"msgnet: not sent: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _listen(args: argparse.Namespace) -> int:
+    async def listen() -> None:
+        async with open_client(
+            args.host, args.port, reconnect=True, **_client_options(args)
+        ) as client:
+            received = 0
+            async for delivery in client:
+                print(_format(delivery), flush=True)
+                await client.ack()
+                received += 1
+                if received == args.count:
+                    return
+
+    trio.run(listen)
+    return 0
+
+
+CHAT_HELP = """\
+Interactive chat. Type a line to send it to the current peer, or:
+  /to USER            talk to USER from now on
+  /group GROUP        talk to GROUP from now on
+  /create GROUP [USER ...]   create a group
+  /join GROUP, /leave GROUP, /members GROUP
+  /history [N]        the last N messages with the current peer or group
+  /quit
+"""
+
+
+def _chat(args: argparse.Namespace) -> int:
+    trio.run(_chat_session, args)
+    return 0
+
+
+async def _chat_session(args: argparse.Namespace) -> None:
+    async with open_client(
+        args.host, args.port, reconnect=True, **_client_options(args)
+    ) as client:
+        print(f"connected as {args.user}; /quit to leave, see --help for commands")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_print_incoming, client)
+            await _chat_commands(client)
+            nursery.cancel_scope.cancel()
+
+
+async def _print_incoming(client: Client) -> None:
+    async for delivery in client:
+        print(_format(delivery), flush=True)
+        await client.ack()
+
+
+async def _chat_commands(client: Client) -> None:
+    peer: str | None = None
+    group: str | None = None
+    while True:
+        line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+        if not line:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        words = rest.split()
+        try:
+            if command == "/quit":
+                return
+            if command == "/to" and len(words) == 1:
+                peer, group = words[0], None
+            elif command == "/group" and len(words) == 1:
+                peer, group = None, words[0]
+            elif command == "/create" and words:
+                members = await client.create_group(words[0], words[1:])
+                print(f"created {words[0]}: {', '.join(members)}")
+            elif command in ("/join", "/leave", "/members") and len(words) == 1:
+                action = {
+                    "/join": client.join_group,
+                    "/leave": client.leave_group,
+                    "/members": client.group_members,
+                }[command]
+                print(f"{words[0]}: {', '.join(await action(words[0]))}")
+            elif command == "/history" and (peer or group):
+                limit = int(words[0]) if words else 20
+                page = await client.history(peer=peer, group=group, limit=limit)
+                for entry in page.messages:
+                    print(_format_entry(entry))
+            elif command.startswith("/"):
+                print(f"unknown or incomplete command {line!r}; see msgnet chat --help")
+            elif peer is not None:
+                await client.send(peer, line)
+            elif group is not None:
+                await client.send_group(group, line)
+            else:
+                print("choose someone first: /to USER or /group GROUP")
+        except RequestFailed as exc:
+            print(f"refused: {exc}")
+        except (protocol.ProtocolError, ValueError) as exc:
+            print(f"invalid: {exc}")
+
+
+def _positions(ack: protocol.SendAck) -> str:
+    return ", ".join(f"{partition}:{offset}" for partition, offset in ack.positions)
+
+
+def _clock(ts: int) -> str:
+    return datetime.fromtimestamp(ts / 1000).strftime("%H:%M:%S")
+
+
+def _format(delivery: protocol.Deliver) -> str:
+    where = f"#{delivery.group}" if delivery.group else f"@{delivery.to}"
+    return f"{_clock(delivery.ts)} {delivery.sender} -> {where}: {delivery.body}"
+
+
+def _format_entry(entry: protocol.HistoryEntry) -> str:
+    where = f"#{entry.group}" if entry.group else f"@{entry.to}"
+    return f"{_clock(entry.ts)} {entry.sender} -> {where}: {entry.body}"
+
+
+def _dev_kafka(args: argparse.Namespace) -> int:
+    return dev_kafka_main(args.rest)

@@ -1,0 +1,668 @@
+"""One client connection on the server: handshake, requests, deliveries, limits."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+import protocol
+from protocol import ErrorCode
+
+from ._auth import AuthError, verify_token
+from ._backplane import BackplaneUnavailable
+from ._context import ServerContext
+from ._groups import GroupExists, GroupFull, GroupNotFound
+from ._partition import PartitionOwner, deliver_message
+from ._ratelimit import TokenBucket
+from ._records import InboxRecord
+from ._transport import MessageTransport
+
+__all__ = ["Session", "SessionEnded"]
+
+logger = logging.getLogger(__name__)
+
+WRITE_BATCH = 256
+"""Frames coalesced into one socket write when a session falls a little behind."""
+
+CATCH_UP_BATCH = 500
+"""Log records read per step while catching a reconnecting client up."""
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds spent telling a peer why it is dropped before giving up on it."""
+
+_session_numbers = itertools.count(1)
+
+
+class SessionEnded(Exception):
+    """Ends a session with an Error frame carrying ``code`` and ``text``."""
+
+    def __init__(self, code: ErrorCode, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+class Session:
+    """Serves one connected device from handshake to close.
+
+    Three tasks share the connection: the reader handles requests one at a
+    time, so a sender's messages reach the log in the order it sent them; the
+    writer owns the sending side (catch-up first, then everything queued); the
+    pinger keeps an idle connection honest. Whatever ends the session fatally
+    records why and cancels all three; the Error frame is written after they
+    stop, so two tasks never write at once.
+    """
+
+    def __init__(self, context: ServerContext, transport: MessageTransport) -> None:
+        self._context = context
+        self._config = context.config
+        self._transport = transport
+        number = next(_session_numbers)
+        self.session_id = f"{context.name}/{number}/{secrets.token_hex(4)}"
+        self.user = ""
+        self.device = ""
+        self._owner: PartitionOwner | None = None
+        self._outbox_send, self._outbox_receive = trio.open_memory_channel[
+            protocol.Message
+        ](context.config.outbound_queue)
+        self._scope = trio.CancelScope()
+        self._receive_scope = trio.CancelScope()
+        self._stopping = False
+        self._failure: SessionEnded | None = None
+        self._last_heard = trio.current_time()
+        self._pings = itertools.count()
+        self._bucket = TokenBucket(
+            rate=self._config.rate_limit,
+            burst=self._config.rate_burst,
+            clock=trio.current_time,
+        )
+        self._handlers: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
+            protocol.Send: self._on_send,
+            protocol.GroupSend: self._on_group_send,
+            protocol.DeliveryAck: self._on_delivery_ack,
+            protocol.HistoryRequest: self._on_history,
+            protocol.GroupCreate: self._on_group_create,
+            protocol.GroupJoin: self._on_group_join,
+            protocol.GroupLeave: self._on_group_leave,
+            protocol.GroupMembers: self._on_group_members,
+            protocol.Ping: self._on_ping,
+            protocol.Pong: self._on_pong,
+        }
+
+    # --- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until the peer leaves, errs, or the server stops."""
+        context = self._context
+        context.sessions.add(self)
+        context.metrics.connections.inc()
+        try:
+            with self._scope:
+                await self._guarded(self._serve)
+            if self._failure is not None:
+                await self._send_fatal(self._failure)
+        finally:
+            if self._owner is not None:
+                self._owner.detach(self)
+            self._outbox_send.close()
+            context.sessions.discard(self)
+            context.metrics.connections.dec()
+            await self._transport.aclose()
+
+    async def _guarded(self, task: Callable[[], Awaitable[object]]) -> None:
+        """Run one of the session's tasks, turning its ending into ``fail``.
+
+        Every task ends the same ways (bad input, a limit, a lost peer), and
+        none of them may escape into the nursery as an exception group.
+        """
+        try:
+            await task()
+        except SessionEnded as ended:
+            self.fail(ended.code, ended.text)
+        except protocol.RemoteProtocolError as exc:
+            self.fail(exc.code, str(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            logger.debug("connection lost session=%s", self.session_id)
+            self._scope.cancel()
+
+    def fail(self, code: ErrorCode, text: str) -> None:
+        """End the session from any task: remember why, then stop everything."""
+        if self._failure is None:
+            self._failure = SessionEnded(code, text)
+        self._scope.cancel()
+
+    def stop(self) -> None:
+        """Server shutdown: stop reading; the request in hand still completes."""
+        self._stopping = True
+        self._receive_scope.cancel()
+
+    def offer(self, delivery: protocol.Deliver) -> None:
+        """Queue a live delivery; a full queue means the client reads too slowly."""
+        try:
+            self._outbox_send.send_nowait(delivery)
+        except trio.WouldBlock:
+            self._context.metrics.slow_consumer_disconnects.inc()
+            self.fail(
+                ErrorCode.SLOW_CONSUMER,
+                f"more than {self._config.outbound_queue} frames were waiting to be "
+                "read; reconnect with your cursor to catch up",
+            )
+        except trio.ClosedResourceError:
+            pass
+
+    async def _serve(self) -> None:
+        context = self._context
+        if len(context.sessions) > self._config.max_connections:
+            raise SessionEnded(
+                ErrorCode.SERVER_FULL,
+                f"server has its maximum of {self._config.max_connections} "
+                "connections; try another server or later",
+            )
+
+        positions = await self._handshake()
+        if positions is None:
+            return
+        catch_up_from, live_from = positions
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                self._guarded, functools.partial(self._write, catch_up_from, live_from)
+            )
+            nursery.start_soon(self._guarded, self._ping_when_idle)
+            said_goodbye = await self._read()
+            if said_goodbye:
+                # The peer is gone: nothing more may be sent to it.
+                nursery.cancel_scope.cancel()
+                return
+            # Server shutdown: let the writer flush what is queued (acks of
+            # in-flight sends included), then end with our own goodbye.
+            await self._outbox_send.send(
+                protocol.Goodbye(reason="server shutting down; reconnect to resume")
+            )
+
+    async def _send_fatal(self, failure: SessionEnded) -> None:
+        self._context.metrics.errors.labels(failure.code.value).inc()
+        logger.debug(
+            "closing session=%s user=%s code=%s text=%s",
+            self.session_id,
+            self.user,
+            failure.code.value,
+            failure.text,
+        )
+        error = protocol.Error(code=failure.code, text=failure.text[:1024], fatal=True)
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await self._transport.send([error])
+            except (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.BusyResourceError,
+                protocol.LocalProtocolError,
+            ):
+                pass
+
+    # --- handshake -----------------------------------------------------------
+
+    async def _handshake(self) -> tuple[int, int] | None:
+        """Authenticate the hello; returns (catch-up start, live start) or None.
+
+        None means the connection ended during the handshake without error:
+        the peer hung up, or it was redirected to the partition's owner.
+        """
+        context = self._context
+        with trio.move_on_after(self._config.handshake_timeout) as timeout:
+            hello = await self._transport.receive()
+        if timeout.cancelled_caught:
+            raise SessionEnded(
+                ErrorCode.HANDSHAKE_TIMEOUT,
+                f"no hello within {self._config.handshake_timeout:g} seconds",
+            )
+        if hello is None:
+            return None
+        assert isinstance(hello, protocol.Hello)
+
+        protocol.check_version(hello)
+        try:
+            verify_token(context.secret, hello.token, user=hello.user)
+        except AuthError as exc:
+            raise SessionEnded(ErrorCode.AUTH_FAILED, str(exc)) from None
+
+        partition = context.partition_for(hello.user)
+        owner = context.owners.get(partition)
+        if owner is None:
+            await self._redirect(partition)
+            return None
+
+        self.user, self.device = hello.user, hello.device
+        live_from = owner.attach(self)
+        self._owner = owner
+
+        resume = hello.resume
+        if resume is None and context.history is not None:
+            resume = await context.history.load_cursor(self.user, self.device)
+        if resume is None or resume > live_from:
+            resume = live_from
+
+        await self._transport.send(
+            [
+                protocol.Welcome(
+                    version=protocol.PROTOCOL_VERSION,
+                    user=self.user,
+                    session=self.session_id[-64:],
+                    server=context.name[:64],
+                    partition=partition,
+                    cursor=resume,
+                    max_frame=self._config.max_frame_size,
+                    idle_timeout=self._config.idle_timeout,
+                )
+            ]
+        )
+        logger.debug(
+            "welcome session=%s user=%s device=%s partition=%d resume=%d live=%d",
+            self.session_id,
+            self.user,
+            self.device,
+            partition,
+            resume,
+            live_from,
+        )
+        return resume, live_from
+
+    async def _redirect(self, partition: int) -> None:
+        address = self._context.owner_address(partition)
+        if address is None:
+            raise SessionEnded(
+                ErrorCode.UNAVAILABLE,
+                f"partition {partition} has no live owner right now; retry shortly",
+            )
+        host, port, ws_port = address
+        await self._transport.send(
+            [
+                protocol.Redirect(
+                    host=host, port=port, partition=partition, ws_port=ws_port
+                )
+            ]
+        )
+
+    # --- reading -------------------------------------------------------------
+
+    async def _read(self) -> bool:
+        """Handle requests until goodbye (True) or server shutdown (False)."""
+        idle_timeout = self._config.idle_timeout
+        while not self._stopping:
+            message: protocol.Message | None = None
+            # A fresh scope per receive: stop() cancels only a receive in
+            # progress, never a request being handled.
+            self._receive_scope = trio.CancelScope()
+            with self._receive_scope:
+                with trio.move_on_after(idle_timeout) as idle:
+                    message = await self._transport.receive()
+                if idle.cancelled_caught:
+                    raise SessionEnded(
+                        ErrorCode.IDLE_TIMEOUT,
+                        f"nothing received for {idle_timeout:g} seconds",
+                    )
+            if message is None:
+                return not self._stopping
+            self._last_heard = trio.current_time()
+
+            if isinstance(message, protocol.Goodbye):
+                return True
+            if isinstance(message, protocol.Error):
+                logger.debug(
+                    "client error session=%s code=%s text=%s",
+                    self.session_id,
+                    message.code,
+                    message.text,
+                )
+                if message.fatal:
+                    return True
+                continue
+            await self._handlers[type(message)](message)
+        return False
+
+    async def _reply(self, message: protocol.Message) -> None:
+        await self._outbox_send.send(message)
+
+    async def _refuse(
+        self,
+        code: ErrorCode,
+        text: str,
+        *,
+        rid: int | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        """A non-fatal Error: this request failed, the connection goes on."""
+        self._context.metrics.errors.labels(code.value).inc()
+        await self._reply(
+            protocol.Error(code=code, text=text, fatal=False, rid=rid, id=message_id)
+        )
+
+    def _within_rate(self) -> bool:
+        return self._bucket.try_take()
+
+    # --- sending ---------------------------------------------------------------
+
+    async def _on_send(self, send: protocol.Send) -> None:
+        if not self._within_rate():
+            await self._rate_limited(send.id)
+            return
+        context = self._context
+        received = trio.current_time()
+        record = InboxRecord(
+            id=send.id,
+            sender=self.user,
+            to=send.to,
+            group=None,
+            body=send.body,
+            ts=int(time.time() * 1000),
+            recipients=(),
+            origin=self.session_id,
+        )
+
+        # The recipient's partition, plus the sender's own for its other
+        # devices; one record when both live in the same partition.
+        by_partition: dict[int, list[str]] = {}
+        by_partition.setdefault(context.partition_for(send.to), []).append(send.to)
+        if send.to != self.user:
+            by_partition.setdefault(context.partition_for(self.user), []).append(
+                self.user
+            )
+        await self._append_and_ack(send.id, record, by_partition, received)
+
+    async def _on_group_send(self, send: protocol.GroupSend) -> None:
+        if not self._within_rate():
+            await self._rate_limited(send.id)
+            return
+        context = self._context
+        received = trio.current_time()
+        try:
+            members = context.groups.members(send.group)
+        except GroupNotFound:
+            await self._refuse(
+                ErrorCode.NOT_FOUND, f"no group {send.group!r}", message_id=send.id
+            )
+            return
+        if self.user not in members:
+            await self._refuse(
+                ErrorCode.FORBIDDEN,
+                f"{self.user!r} is not a member of {send.group!r}",
+                message_id=send.id,
+            )
+            return
+
+        by_partition: dict[int, list[str]] = {}
+        for member in members:
+            by_partition.setdefault(context.partition_for(member), []).append(member)
+        record = InboxRecord(
+            id=send.id,
+            sender=self.user,
+            to=None,
+            group=send.group,
+            body=send.body,
+            ts=int(time.time() * 1000),
+            recipients=(),
+            origin=self.session_id,
+        )
+        await self._append_and_ack(send.id, record, by_partition, received)
+
+    async def _append_and_ack(
+        self,
+        message_id: str,
+        record: InboxRecord,
+        by_partition: dict[int, list[str]],
+        received: float,
+    ) -> None:
+        """Append one copy per partition; acknowledge only if every copy is durable.
+
+        A partial failure is reported as a failure: the client retries with the
+        same id, and the copies that did land are dropped as duplicates.
+        """
+        backplane = self._context.backplane
+        positions: list[tuple[int, int]] = []
+        failed: list[str] = []
+
+        async def append(partition: int, users: list[str]) -> None:
+            copy = attrs.evolve(record, recipients=tuple(users))
+            key = users[0].encode()
+            try:
+                with trio.fail_after(self._config.append_timeout):
+                    offset = await backplane.append(partition, key, copy.encode())
+            except (BackplaneUnavailable, trio.TooSlowError) as exc:
+                failed.append(f"partition {partition}: {exc or 'timed out'}")
+                return
+            positions.append((partition, offset))
+
+        if len(by_partition) == 1:
+            [(partition, users)] = by_partition.items()
+            await append(partition, users)
+        else:
+            async with trio.open_nursery() as nursery:
+                for partition, users in by_partition.items():
+                    nursery.start_soon(append, partition, users)
+
+        if failed:
+            logger.warning(
+                "append failed session=%s id=%s: %s",
+                self.session_id,
+                message_id,
+                "; ".join(failed),
+            )
+            await self._refuse(
+                ErrorCode.UNAVAILABLE,
+                "the message log is unavailable; the message was not accepted, "
+                "retry with the same id",
+                message_id=message_id,
+            )
+            return
+        metrics = self._context.metrics
+        metrics.messages_in.inc()
+        metrics.ack_latency.observe(trio.current_time() - received)
+        positions.sort()
+        await self._reply(
+            protocol.SendAck(id=message_id, ts=record.ts, positions=positions)
+        )
+
+    async def _rate_limited(self, message_id: str) -> None:
+        await self._refuse(
+            ErrorCode.RATE_LIMITED,
+            f"more than {self._config.rate_limit:g} requests per second; "
+            "the message was not accepted, retry later with the same id",
+            message_id=message_id,
+        )
+
+    # --- other requests --------------------------------------------------------
+
+    async def _on_delivery_ack(self, ack: protocol.DeliveryAck) -> None:
+        history = self._context.history
+        if history is not None:
+            await history.save_cursor(self.user, self.device, ack.cursor)
+
+    async def _on_history(self, request: protocol.HistoryRequest) -> None:
+        history = self._context.history
+        if history is None:
+            await self._refuse(
+                ErrorCode.UNAVAILABLE, "this server keeps no history", rid=request.rid
+            )
+            return
+        if request.group is not None and not self._context.groups.is_member(
+            request.group, self.user
+        ):
+            await self._refuse(
+                ErrorCode.FORBIDDEN,
+                f"{self.user!r} is not a member of {request.group!r}",
+                rid=request.rid,
+            )
+            return
+        entries, older = await history.page(
+            peer_a=self.user,
+            peer_b=request.peer,
+            group=request.group,
+            before=request.before,
+            limit=request.limit,
+        )
+        await self._reply(
+            protocol.HistoryPage(rid=request.rid, messages=entries, next=older)
+        )
+
+    async def _on_group_create(self, request: protocol.GroupCreate) -> None:
+        groups = self._context.groups
+        try:
+            members = await groups.create(request.group, self.user, request.members)
+        except GroupExists:
+            await self._refuse(
+                ErrorCode.CONFLICT, f"group {request.group!r} exists", rid=request.rid
+            )
+            return
+        except GroupFull as exc:
+            await self._refuse(ErrorCode.BAD_MESSAGE, str(exc), rid=request.rid)
+            return
+        await self._group_info(request.rid, request.group, members)
+
+    async def _on_group_join(self, request: protocol.GroupJoin) -> None:
+        await self._group_change(request.rid, request.group, self._context.groups.join)
+
+    async def _on_group_leave(self, request: protocol.GroupLeave) -> None:
+        await self._group_change(request.rid, request.group, self._context.groups.leave)
+
+    async def _group_change(
+        self,
+        rid: int,
+        group: str,
+        change: Callable[[str, str], Awaitable[Sequence[str]]],
+    ) -> None:
+        try:
+            members = await change(group, self.user)
+        except GroupNotFound:
+            await self._refuse(ErrorCode.NOT_FOUND, f"no group {group!r}", rid=rid)
+            return
+        except GroupFull as exc:
+            await self._refuse(ErrorCode.FORBIDDEN, str(exc), rid=rid)
+            return
+        await self._group_info(rid, group, members)
+
+    async def _on_group_members(self, request: protocol.GroupMembers) -> None:
+        try:
+            members = self._context.groups.members(request.group)
+        except GroupNotFound:
+            await self._refuse(
+                ErrorCode.NOT_FOUND, f"no group {request.group!r}", rid=request.rid
+            )
+            return
+        if self.user not in members:
+            await self._refuse(
+                ErrorCode.FORBIDDEN,
+                f"{self.user!r} is not a member of {request.group!r}",
+                rid=request.rid,
+            )
+            return
+        await self._group_info(request.rid, request.group, members)
+
+    async def _group_info(self, rid: int, group: str, members: Sequence[str]) -> None:
+        await self._reply(
+            protocol.GroupInfo(rid=rid, group=group, members=list(members))
+        )
+
+    async def _on_ping(self, ping: protocol.Ping) -> None:
+        await self._reply(protocol.Pong(n=ping.n))
+
+    async def _on_pong(self, pong: protocol.Pong) -> None:
+        """Any frame counts as a sign of life; a pong needs nothing more."""
+
+    async def _ping_when_idle(self) -> None:
+        """Ping a quiet client so that a live one answers before the idle timeout."""
+        interval = self._config.idle_timeout / 3
+        while True:
+            await trio.sleep(interval)
+            if trio.current_time() - self._last_heard >= interval:
+                await self._reply(protocol.Ping(n=next(self._pings) % 2**32))
+
+    # --- writing ---------------------------------------------------------------
+
+    async def _write(self, catch_up_from: int, live_from: int) -> None:
+        """Own the sending side: catch-up first, then every queued frame in order."""
+        if catch_up_from < live_from:
+            await self._catch_up(catch_up_from, live_from)
+
+        metrics = self._context.metrics
+        receive = self._outbox_receive
+        while True:
+            batch = [await receive.receive()]
+            while len(batch) < WRITE_BATCH:
+                try:
+                    batch.append(receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self._transport.send(batch)
+            metrics.messages_out.inc(
+                sum(1 for message in batch if isinstance(message, protocol.Deliver))
+            )
+            if isinstance(batch[-1], protocol.Goodbye):
+                return
+
+    async def _catch_up(self, start: int, end: int) -> None:
+        """Send this user's records in [start, end) of its partition, in order.
+
+        Records below the history writer's committed offset are in the store
+        (the writer commits only after its rows are durable); the rest are read
+        from the log. Together they cover the range with no gap, however far
+        the history writer lags.
+        """
+        context = self._context
+        assert self._owner is not None
+        partition = self._owner.partition
+
+        stored_until = start
+        if context.history is not None:
+            committed = await context.backplane.committed(
+                context.history_group, partition
+            )
+            stored_until = min(max(committed or 0, start), end)
+            if start < stored_until:
+                rows = await context.history.inbox_since(
+                    self.user, partition, start, stored_until
+                )
+                for first in range(0, len(rows), WRITE_BATCH):
+                    await self._transport.send(
+                        [
+                            self._delivery(partition, offset, record)
+                            for offset, record in rows[first : first + WRITE_BATCH]
+                        ]
+                    )
+
+        offset = stored_until
+        while offset < end:
+            records = await context.backplane.read(
+                partition, offset, max_records=CATCH_UP_BATCH
+            )
+            batch: list[protocol.Message] = []
+            for log_record in records:
+                if log_record.offset >= end:
+                    break
+                parsed = deliver_message(partition, log_record.offset, log_record.value)
+                if parsed is not None and self.user in parsed[1]:
+                    batch.append(parsed[0])
+            if batch:
+                await self._transport.send(batch)
+            offset = records[-1].offset + 1
+
+    @staticmethod
+    def _delivery(partition: int, offset: int, record: InboxRecord) -> protocol.Deliver:
+        return protocol.Deliver(
+            id=record.id,
+            sender=record.sender,
+            to=record.to,
+            group=record.group,
+            body=record.body,
+            ts=record.ts,
+            partition=partition,
+            offset=offset,
+        )
