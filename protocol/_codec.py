@@ -27,6 +27,11 @@ _MAX_MAP_LENGTH = 4096
 _unpackb = msgpack.unpackb
 
 
+# (wire name, attribute name, default, is str, low, high, optional, is id): a
+# ScalarCheck spread flat, so the decoder's loop reads locals, not attributes.
+_Step = tuple[str, str, Any, bool, int, int, bool, bool]
+
+
 @attrs.frozen(kw_only=True)
 class _Layout:
     """Everything the codec needs about one class, worked out once at import."""
@@ -41,9 +46,9 @@ class _Layout:
     known: frozenset[str]
     required: tuple[str, ...]
     required_set: frozenset[str]
-    plan: tuple[tuple[str, str, Any, ScalarCheck], ...] | None
-    """(wire, attribute, default, check) per field, if every field has a
-    ScalarCheck and no converter, so decoded values can be checked inline."""
+    plan: tuple[_Step, ...] | None
+    """One step per field, if every field has a ScalarCheck and no converter, so
+    decoded values can be checked inline."""
 
 
 def _layout(tag: str | None, cls: type[Any]) -> _Layout:
@@ -57,14 +62,25 @@ def _layout(tag: str | None, cls: type[Any]) -> _Layout:
         if field.default is attrs.NOTHING
     )
 
-    plan: tuple[tuple[str, str, Any, ScalarCheck], ...] | None = None
-    if all(
-        type(field.validator) is ScalarCheck and field.converter is None
-        for field in fields
+    plan: tuple[_Step, ...] | None = None
+    checks = [field.validator for field in fields]
+    if all(type(check) is ScalarCheck for check in checks) and not any(
+        field.converter for field in fields
     ):
         plan = tuple(
-            (wire, name, field.default, cast("ScalarCheck", field.validator))
-            for (wire, name), field in zip(items, fields, strict=True)
+            (
+                wire,
+                name,
+                field.default,
+                check.kind is str,
+                check.low,
+                check.high,
+                check.optional,
+                check.is_id,
+            )
+            for (wire, name), field, check in zip(
+                items, fields, cast("list[ScalarCheck]", checks), strict=True
+            )
         )
 
     return _Layout(
@@ -145,27 +161,26 @@ def _known_fields(layout: _Layout, data: dict[Any, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if key in layout.known}
 
 
-def _fast_build(layout: _Layout, data: dict[str, Any]) -> Any:
+def _fast_build(layout: _Layout, plan: tuple[_Step, ...], data: dict[str, Any]) -> Any:
     """Return the message if every field passes its check inline, else None.
 
     The checks are exactly ScalarCheck.accepts; anything they refuse goes the
     slow way through the class's own validators, which word the error.
     """
-    assert layout.plan is not None
     fields = {}
-    for wire, name, default, check in layout.plan:
+    for wire, name, default, is_str, low, high, optional, is_id in plan:
         value = data.get(wire, default)
         if value is None:
-            if not check.optional:
+            if not optional:
                 return None
-        elif check.kind is str:
+        elif is_str:
             if (
                 type(value) is not str
-                or not check.low <= len(value) <= check.high
-                or (check.is_id and (" " in value or not value.isprintable()))
+                or not low <= len(value) <= high
+                or (is_id and (" " in value or not value.isprintable()))
             ):
                 return None
-        elif type(value) is not int or not check.low <= value < check.high:
+        elif type(value) is not int or not low <= value < high:
             return None
         fields[name] = value
 
@@ -175,8 +190,9 @@ def _fast_build(layout: _Layout, data: dict[str, Any]) -> Any:
 
 
 def _build(layout: _Layout, data: dict[Any, Any], where: str) -> Any:
-    if layout.plan is not None and data.keys() <= layout.known:
-        message = _fast_build(layout, data)
+    plan = layout.plan
+    if plan is not None and data.keys() <= layout.known:
+        message = _fast_build(layout, plan, data)
         if message is not None:
             return message
 
