@@ -6,7 +6,7 @@ import enum
 
 from ._codec import decode_message
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from ._framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from ._framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_body, encode_frame
 from ._messages import (
     Deliver,
     DeliveryAck,
@@ -136,6 +136,10 @@ class Connection:
 
     Feed received bytes to ``receive_data`` and take messages from
     ``next_message``; turn outgoing messages into bytes with ``send``.
+
+    A transport that delimits messages itself (one WebSocket message per
+    body) uses ``receive_body`` and ``send_body`` instead: the same size and
+    state rules, without the length prefix. One connection uses one style.
     """
 
     def __init__(
@@ -191,6 +195,41 @@ class Connection:
             body = self._decoder.next_frame()
             if body is None:
                 return self._no_frame()
+            message = decode_message(body)
+            self._check_received(message)
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+        return message
+
+    def receive_body(self, body: bytes) -> Message:
+        """Decode and check one whole message body that arrived unframed.
+
+        Raises RemoteProtocolError as ``next_message`` does, with
+        ``frame_too_large`` for a body over the limit and ``bad_frame`` for an
+        empty one; the connection is FAILED from then on. An end of stream is
+        still told with ``receive_data(b"")`` and read with ``next_message``.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._eof or self._decoder.buffered:
+            raise LocalProtocolError(
+                "receive_body cannot follow the end of the stream or framed bytes "
+                f"({self._decoder.buffered} buffered)"
+            )
+
+        try:
+            if len(body) > self.max_frame_size:
+                raise RemoteProtocolError(
+                    f"message of {len(body)} bytes is over the limit of "
+                    f"{self.max_frame_size} bytes",
+                    code=ErrorCode.FRAME_TOO_LARGE,
+                )
+            if not body:
+                raise RemoteProtocolError(
+                    "empty message: a message must hold one msgpack map",
+                    code=ErrorCode.BAD_FRAME,
+                )
             message = decode_message(body)
             self._check_received(message)
         except RemoteProtocolError as exc:
@@ -267,6 +306,19 @@ class Connection:
         Raises LocalProtocolError if the role or the state forbids it; nothing is
         changed then.
         """
+        self._check_send(message)
+        data = encode_frame(message, max_frame_size=self.max_frame_size)
+        self._sent(message)
+        return data
+
+    def send_body(self, message: Message) -> bytes:
+        """Like ``send``, but return the body alone, without the length prefix."""
+        self._check_send(message)
+        data = encode_body(message, max_frame_size=self.max_frame_size)
+        self._sent(message)
+        return data
+
+    def _check_send(self, message: Message) -> None:
         kind = type(message)
         refusal = self._send_refusal(kind)
         if refusal is not None:
@@ -274,14 +326,14 @@ class Connection:
                 f"a {self.role.value} may not send {kind.__name__} {refusal}"
             )
 
-        data = encode_frame(message, max_frame_size=self.max_frame_size)
+    def _sent(self, message: Message) -> None:
+        kind = type(message)
         if kind is Hello:
             self._hello_done = True
         elif kind is Welcome:
             self._welcomed = True
         if _closes(message):
             self._we_closed = True
-        return data
 
     def _send_refusal(self, kind: type[Message]) -> str | None:
         """Return why kind may not be sent now, or None if it may."""

@@ -6,7 +6,7 @@ from ._codec import encode_message
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._messages import Message
 
-__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameDecoder", "encode_frame"]
+__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameDecoder", "encode_body", "encode_frame"]
 
 DEFAULT_MAX_FRAME_SIZE = 1_048_576
 """Largest frame body, in bytes, accepted unless configured otherwise (1 MiB)."""
@@ -32,13 +32,22 @@ def encode_frame(
     Raises LocalProtocolError if the body is larger than max_frame_size, since the
     peer would refuse the frame and close the connection.
     """
+    body = encode_body(message, max_frame_size=max_frame_size)
+    return len(body).to_bytes(_PREFIX, "big") + body
+
+
+def encode_body(message: Message, *, max_frame_size: int) -> bytes:
+    """Return the body alone, for transports that delimit messages themselves.
+
+    Raises LocalProtocolError under the same rule as ``encode_frame``.
+    """
     body = encode_message(message)
     if len(body) > max_frame_size:
         raise LocalProtocolError(
             f"{type(message).__name__} encodes to {len(body)} bytes, over the "
             f"frame size limit of {max_frame_size}"
         )
-    return len(body).to_bytes(_PREFIX, "big") + body
+    return body
 
 
 class FrameDecoder:

@@ -131,3 +131,15 @@ def test_every_error_code_is_documented() -> None:
         assert f"`{code.value}`" in text, code
     for tag in protocol.MESSAGE_TYPES:
         assert f"`{tag}`" in text, tag
+
+
+def test_connection_methods_are_pinned() -> None:
+    public = {name for name in vars(protocol.Connection) if not name.startswith("_")}
+    assert public == {
+        "state",
+        "receive_data",
+        "next_message",
+        "receive_body",
+        "send",
+        "send_body",
+    }
