@@ -71,12 +71,15 @@ def create_inbox_topic(
     *,
     partitions: int,
     replication_factor: int = 1,
+    configs: dict[str, str] | None = None,
 ) -> bool:
     """Create the inbox topic, or check the one that exists (blocking).
 
-    Returns True if the topic was created, False if it already existed with
-    ``partitions`` partitions. Raises ``ValueError`` if it exists with another
-    count, and ``BackplaneUnavailable`` if Kafka cannot be reached.
+    ``configs`` adds topic settings, such as ``min.insync.replicas`` or the
+    ``cleanup.policy=compact`` of the cluster topic. Returns True if the topic
+    was created, False if it already existed with ``partitions`` partitions.
+    Raises ``ValueError`` if it exists with another count, and
+    ``BackplaneUnavailable`` if Kafka cannot be reached.
     """
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, not {partitions!r}")
@@ -96,7 +99,10 @@ def create_inbox_topic(
                             # A record's timestamp is when the broker appended it,
                             # as LogRecord.timestamp_ms promises, not a client's
                             # clock.
-                            "configs": {"message.timestamp.type": "LogAppendTime"},
+                            "configs": {
+                                "message.timestamp.type": "LogAppendTime",
+                                **(configs or {}),
+                            },
                         }
                     },
                     wait_for_metadata=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -22,6 +23,9 @@ logger = logging.getLogger(__name__)
 DELIVERY_GROUP = "msgnet-delivery"
 """The consumer group whose committed offset is where live delivery resumes."""
 
+LEASE_POLL_INTERVAL = 0.05
+"""Seconds between checks of a lapsed lease while delivery is paused."""
+
 COMMIT_INTERVAL = 0.5
 """Seconds between cursor commits: a takeover re-delivers at most this much."""
 
@@ -34,6 +38,10 @@ class Recipient(Protocol):
 
     def offer(self, delivery: protocol.Deliver) -> None:
         """Queue a delivery without waiting; a full queue is the session's problem."""
+        ...
+
+    def fail(self, code: protocol.ErrorCode, text: str) -> None:
+        """End the device's session with a fatal error."""
         ...
 
 
@@ -79,8 +87,10 @@ class PartitionOwner:
         backplane: Backplane,
         *,
         metrics: ServerMetrics,
+        lease: Callable[[], bool] | None = None,
     ) -> None:
         self.partition = partition
+        self._lease = lease
         self._backplane = backplane
         self._metrics = metrics
         self._recipients: dict[str, set[Recipient]] = {}
@@ -99,6 +109,13 @@ class PartitionOwner:
             raise RuntimeError(f"partition {self.partition} is not being served yet")
         self._recipients.setdefault(recipient.user, set()).add(recipient)
         return self.next_offset
+
+    def evict_all(self, text: str) -> None:
+        """Drop every attached device: this server no longer owns the partition."""
+        for devices in list(self._recipients.values()):
+            for recipient in list(devices):
+                recipient.fail(protocol.ErrorCode.UNAVAILABLE, text)
+        self._recipients.clear()
 
     def detach(self, recipient: Recipient) -> None:
         devices = self._recipients.get(recipient.user)
@@ -138,6 +155,7 @@ class PartitionOwner:
     async def _deliver_forever(self) -> None:
         while True:
             records = await self._backplane.read(self.partition, self.next_offset)
+            await self._wait_for_lease()
             for record in records:
                 self._dispatch(record.offset, record.value)
             self.next_offset = records[-1].offset + 1
@@ -161,6 +179,18 @@ class PartitionOwner:
                 end = await self._backplane.end_offset(self.partition)
                 lag.set(max(0, end - self.next_offset))
 
+    async def _wait_for_lease(self) -> None:
+        """In a cluster, deliver only while this server's ownership is confirmed.
+
+        A server that was paused past its lease may already have been replaced;
+        it waits here until it either renews the lease or learns that it lost
+        the slot, in which case it is cancelled.
+        """
+        if self._lease is None:
+            return
+        while not self._lease():
+            await trio.sleep(LEASE_POLL_INTERVAL)
+
     async def commit(self) -> None:
         """Commit the delivery cursor now; a graceful shutdown's last step."""
         await self._commit()
@@ -168,6 +198,8 @@ class PartitionOwner:
     async def _commit(self) -> None:
         offset = self.next_offset
         if offset <= self._committed:
+            return
+        if self._lease is not None and not self._lease():
             return
         try:
             await self._backplane.commit(DELIVERY_GROUP, self.partition, offset)
