@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -64,6 +65,29 @@ def _split(stream: bytes) -> list[bytes]:
     return bodies
 
 
+def _protocol_encode(messages: list[protocol.Message]) -> bytes:
+    return b"".join([protocol.encode_frame(message) for message in messages])
+
+
+def _bare_encode(pack: Callable[[Any], bytes], maps: list[dict[str, Any]]) -> bytes:
+    return b"".join([len(body).to_bytes(4, "big") + body for body in map(pack, maps)])
+
+
+def _protocol_decode(frames: bytes) -> list[protocol.Message]:
+    decoder = protocol.FrameDecoder()
+    decoder.feed(frames)
+    decode = protocol.decode_message
+    out = []
+    while (body := decoder.next_frame()) is not None:
+        out.append(decode(body))
+    return out
+
+
+def _bare_decode(frames: bytes) -> list[Any]:
+    unpackb = msgpack.unpackb
+    return [unpackb(body) for body in _split(frames)]
+
+
 def compare(
     *, count: int = 20_000, size: int = 100, seconds: float = 2.0
 ) -> dict[str, Any]:
@@ -78,30 +102,15 @@ def compare(
         )
         assert frames == bare_frames, "both codecs must put the same bytes on the wire"
 
-        def protocol_encode() -> object:
-            return b"".join([protocol.encode_frame(m) for m in messages])
-
-        def bare_encode() -> object:
-            return b"".join([len(b).to_bytes(4, "big") + b for b in map(pack, maps)])
-
-        def protocol_decode() -> object:
-            decoder = protocol.FrameDecoder()
-            decoder.feed(frames)
-            decode = protocol.decode_message
-            out = []
-            while (body := decoder.next_frame()) is not None:
-                out.append(decode(body))
-            return out
-
-        def bare_decode() -> object:
-            unpackb = msgpack.unpackb
-            return [unpackb(body) for body in _split(bare_frames)]
-
         row = {
-            "encode_per_s": _rate(protocol_encode, count, seconds),
-            "bare_encode_per_s": _rate(bare_encode, count, seconds),
-            "decode_per_s": _rate(protocol_decode, count, seconds),
-            "bare_decode_per_s": _rate(bare_decode, count, seconds),
+            "encode_per_s": _rate(partial(_protocol_encode, messages), count, seconds),
+            "bare_encode_per_s": _rate(
+                partial(_bare_encode, pack, maps), count, seconds
+            ),
+            "decode_per_s": _rate(partial(_protocol_decode, frames), count, seconds),
+            "bare_decode_per_s": _rate(
+                partial(_bare_decode, bare_frames), count, seconds
+            ),
         }
         row["encode_ratio"] = row["encode_per_s"] / row["bare_encode_per_s"]
         row["decode_ratio"] = row["decode_per_s"] / row["bare_decode_per_s"]

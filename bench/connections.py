@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import trio
 
 import protocol
@@ -33,15 +34,21 @@ SOURCES_PER_WORKER = 2
 """Loopback source addresses per client process (about 28,000 ports each)."""
 
 
-async def _hold(
-    host: str,
-    port: int,
-    secret: str,
-    worker: int,
-    count: int,
-    limit: float,
-    control: Any,
-) -> None:
+@attrs.frozen(kw_only=True)
+class _Job:
+    """One client process's share: where to connect and how many to hold."""
+
+    host: str
+    port: int
+    secret: str
+    worker: int
+    count: int
+    limit: float
+
+
+async def _hold(job: _Job, control: Any) -> None:
+    host, port, secret, worker = job.host, job.port, job.secret, job.worker
+    count, limit = job.count, job.limit
     transports: list[StreamTransport] = []
     failures: dict[str, int] = {}
     token_user = f"idle{worker}"
@@ -95,17 +102,9 @@ async def _hold(
         await transport.aclose()
 
 
-def _worker(
-    host: str,
-    port: int,
-    secret: str,
-    worker: int,
-    count: int,
-    limit: float,
-    control: Any,
-) -> None:
+def _worker(job: _Job, control: Any) -> None:
     raise_nofile()
-    trio.run(_hold, host, port, secret, worker, count, limit, control)
+    trio.run(_hold, job, control)
 
 
 def hold_connections(
@@ -131,12 +130,14 @@ def hold_connections(
             process = context.Process(
                 target=_worker,
                 args=(
-                    server.host,
-                    server.port,
-                    server.secret,
-                    worker,
-                    count,
-                    time_limit,
+                    _Job(
+                        host=server.host,
+                        port=server.port,
+                        secret=server.secret,
+                        worker=worker,
+                        count=count,
+                        limit=time_limit,
+                    ),
                     child_end,
                 ),
             )
