@@ -75,6 +75,12 @@ class ServerConfig:
         validator=_port,
     )
     metrics_enabled: bool = _setting(True, "serve Prometheus metrics over HTTP")
+    ws_port: int = _setting(
+        7480,
+        "port for WebSocket clients and the web chat page (0 picks a free one)",
+        validator=_port,
+    )
+    ws_enabled: bool = _setting(True, "serve WebSocket clients and the chat page")
     data_dir: str = _setting(
         _default_data_dir(), "directory for the secret, the embedded log and history"
     )

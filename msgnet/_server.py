@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -25,6 +26,7 @@ from ._metrics import ServerMetrics, serve_metrics
 from ._partition import PartitionOwner
 from ._session import Session
 from ._transport import StreamTransport
+from ._web import open_web_listeners, serve_web
 
 __all__ = ["RunningServer", "open_backplane", "serve"]
 
@@ -39,6 +41,8 @@ class RunningServer:
     port: int
     metrics_port: int | None
     context: ServerContext
+    ws_port: int | None = None
+    """The WebSocket and chat page port, or None when ``ws_enabled`` is off."""
     _shutdown: trio.Event = attrs.field(factory=trio.Event)
     stopped: trio.Event = attrs.field(factory=trio.Event)
 
@@ -98,6 +102,7 @@ async def serve(
         )
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         port = listeners[0].socket.getsockname()[1]
+        web_listeners = await open_web_listeners(config)
 
         context = ServerContext(
             config=config,
@@ -110,12 +115,13 @@ async def serve(
             metrics=ServerMetrics(),
         )
         owned = range(backplane.partitions) if partitions is None else partitions
-        await _run(context, listeners, sorted(owned), task_status)
+        await _run(context, listeners, web_listeners, sorted(owned), task_status)
 
 
 async def _run(
     context: ServerContext,
     listeners: list[trio.SocketListener],
+    web_listeners: list[trio.SocketListener],
     owned: list[int],
     task_status: trio.TaskStatus[RunningServer],
 ) -> None:
@@ -143,7 +149,8 @@ async def _run(
             await core.start(serve_metrics, context.metrics, metrics_listeners)
 
         host, port = listeners[0].socket.getsockname()[:2]
-        running = RunningServer(host, port, metrics_port, context)
+        ws_port = web_listeners[0].socket.getsockname()[1] if web_listeners else None
+        running = RunningServer(host, port, metrics_port, context, ws_port)
 
         accepting = trio.CancelScope()
 
@@ -160,19 +167,31 @@ async def _run(
                 task_status: trio.TaskStatus[list[trio.SocketListener]],
             ) -> None:
                 with accepting:
-                    await trio.serve_listeners(
-                        handle,
-                        listeners,
-                        handler_nursery=connections,
-                        task_status=task_status,
-                    )
+                    async with trio.open_nursery() as web:
+                        if web_listeners:
+                            await web.start(
+                                functools.partial(
+                                    serve_web,
+                                    context,
+                                    web_listeners,
+                                    handler_nursery=connections,
+                                )
+                            )
+                        await trio.serve_listeners(
+                            handle,
+                            listeners,
+                            handler_nursery=connections,
+                            task_status=task_status,
+                        )
 
             await connections.start(accept)
             logger.info(
-                "listening server=%s host=%s port=%d metrics_port=%s partitions=%d",
+                "listening server=%s host=%s port=%d ws_port=%s metrics_port=%s "
+                "partitions=%d",
                 context.name,
                 host,
                 port,
+                ws_port,
                 metrics_port,
                 len(owned),
             )

@@ -21,6 +21,7 @@ def server_config(**overrides: Any) -> ServerConfig:
         "host": "127.0.0.1",
         "port": 0,
         "metrics_port": 0,
+        "ws_port": 0,
         "memory": True,
         "secret": SECRET,
         "partitions": 4,
