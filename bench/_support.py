@@ -134,6 +134,7 @@ def start_server(
             f"--secret={secret}",
             f"--data-dir={data_dir}",
             "--no-metrics-enabled",
+            "--no-ws-enabled",
             "--rate-limit=1000000",
             "--rate-burst=1000000",
             *options,
