@@ -303,7 +303,9 @@ class TestChatPage:
         assert b"content-type: text/html; charset=utf-8" in head.lower()
         assert b"<html" in body.lower()
 
-    @pytest.mark.parametrize("path", ["/app.js", "/style.css", "/vendor/msgpack.min.js"])
+    @pytest.mark.parametrize(
+        "path", ["/app.js", "/style.css", "/vendor/msgpack.min.js"]
+    )
     async def test_page_assets_are_served(self, path: str) -> None:
         request = f"GET {path}?v=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         async with running_server() as server:
