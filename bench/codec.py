@@ -73,13 +73,18 @@ def _bare_encode(pack: Callable[[Any], bytes], maps: list[dict[str, Any]]) -> by
     return b"".join([len(body).to_bytes(4, "big") + body for body in map(pack, maps)])
 
 
+RECEIVE_SIZE = 64 * 1024
+"""Bytes fed to the decoder at a time, as the server's transport reads them."""
+
+
 def _protocol_decode(frames: bytes) -> list[protocol.Message]:
     decoder = protocol.FrameDecoder()
-    decoder.feed(frames)
     decode = protocol.decode_message
     out = []
-    while (body := decoder.next_frame()) is not None:
-        out.append(decode(body))
+    for at in range(0, len(frames), RECEIVE_SIZE):
+        decoder.feed(frames[at : at + RECEIVE_SIZE])
+        while (body := decoder.next_frame()) is not None:
+            out.append(decode(body))
     return out
 
 
