@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -38,7 +38,14 @@ CATCH_UP_BATCH = 500
 CLOSE_TIMEOUT = 2.0
 """Seconds spent telling a peer why it is dropped before giving up on it."""
 
+FRAME_OVERHEAD = 512
+"""Bytes a Deliver or HistoryEntry needs besides its body, at most: the ids,
+the integers and the field names. A UTF-8 body takes at most 4 bytes a
+character, so most sizes are known without encoding anything."""
+
 _session_numbers = itertools.count(1)
+
+_T = TypeVar("_T")
 
 
 class SessionEnded(Exception):
@@ -76,6 +83,9 @@ class Session:
         self._scope = trio.CancelScope()
         self._receive_scope = trio.CancelScope()
         self._stopping = False
+        self._torn = False
+        self._said_goodbye = trio.Event()
+        """A write was cut short: part of a frame went out, so nothing more can."""
         self._failure: SessionEnded | None = None
         self._last_heard = trio.current_time()
         self._pings = itertools.count()
@@ -117,21 +127,28 @@ class Session:
             context.metrics.connections.dec()
             await self._transport.aclose()
 
-    async def _guarded(self, task: Callable[[], Awaitable[object]]) -> None:
+    async def _guarded(self, task: Callable[[], Awaitable[_T]]) -> _T | None:
         """Run one of the session's tasks, turning its ending into ``fail``.
 
         Every task ends the same ways (bad input, a limit, a lost peer), and
-        none of them may escape into the nursery as an exception group.
+        none of them may escape into the nursery as an exception group. None
+        means the task ended that way and the session is being stopped.
         """
         try:
-            await task()
+            return await task()
         except SessionEnded as ended:
             self.fail(ended.code, ended.text)
         except protocol.RemoteProtocolError as exc:
             self.fail(exc.code, str(exc))
+        except protocol.LocalProtocolError as exc:
+            # Our own bug (a frame we should not have built): drop this
+            # connection rather than let it take the whole server down.
+            logger.warning("session=%s failed", self.session_id, exc_info=True)
+            self.fail(ErrorCode.INTERNAL, f"server error: {exc}")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.debug("connection lost session=%s", self.session_id)
             self._scope.cancel()
+        return None
 
     def fail(self, code: ErrorCode, text: str) -> None:
         """End the session from any task: remember why, then stop everything."""
@@ -177,9 +194,12 @@ class Session:
                 self._guarded, functools.partial(self._write, catch_up_from, live_from)
             )
             nursery.start_soon(self._guarded, self._ping_when_idle)
-            said_goodbye = await self._read()
-            if said_goodbye:
-                # The peer is gone: nothing more may be sent to it.
+            # The reader is guarded too: its bad input or limit, raised in the
+            # nursery's body, would otherwise leave as an exception group and
+            # take the whole server down with it.
+            said_goodbye = await self._guarded(self._read)
+            if said_goodbye is None or said_goodbye:
+                # The peer is gone or failed: nothing more goes through the queue.
                 nursery.cancel_scope.cancel()
                 return
             # Server shutdown: let the writer flush what is queued (acks of
@@ -187,9 +207,23 @@ class Session:
             await self._outbox_send.send(
                 protocol.Goodbye(reason="server shutting down; reconnect to resume")
             )
+            # Then close at once: the pinger would keep the session (and the
+            # shutdown) waiting until the grace period ran out.
+            await self._said_goodbye.wait()
+            nursery.cancel_scope.cancel()
 
     async def _send_fatal(self, failure: SessionEnded) -> None:
         self._context.metrics.errors.labels(failure.code.value).inc()
+        if self._torn:
+            # The peer would read the Error as the rest of the torn frame, so
+            # it only sees the close (a slow reader, stuck mid-frame).
+            logger.debug(
+                "closing session=%s user=%s code=%s without an error frame",
+                self.session_id,
+                self.user,
+                failure.code.value,
+            )
+            return
         logger.debug(
             "closing session=%s user=%s code=%s text=%s",
             self.session_id,
@@ -426,6 +460,14 @@ class Session:
         A partial failure is reported as a failure: the client retries with the
         same id, and the copies that did land are dropped as duplicates.
         """
+        if not self._deliverable(record):
+            await self._refuse(
+                ErrorCode.BAD_MESSAGE,
+                f"message {message_id!r} would not fit a delivery frame of "
+                f"{self._config.max_frame_size} bytes; send a shorter body",
+                message_id=message_id,
+            )
+            return
         backplane = self._context.backplane
         positions: list[tuple[int, int]] = []
         failed: list[str] = []
@@ -471,6 +513,18 @@ class Session:
             protocol.SendAck(id=message_id, ts=record.ts, positions=positions)
         )
 
+    def _deliverable(self, record: InboxRecord) -> bool:
+        """Whether the record's Deliver fits a frame, with room for a page's fields.
+
+        An accepted message that no recipient can be sent would stop every
+        catch-up at it, so it is refused up front.
+        """
+        limit = self._config.max_frame_size
+        if 4 * len(record.body) + FRAME_OVERHEAD <= limit:
+            return True
+        largest = self._delivery(2**62, 2**62, attrs.evolve(record, ts=2**62))
+        return len(protocol.encode_message(largest)) + 64 <= limit
+
     async def _rate_limited(self, message_id: str) -> None:
         await self._refuse(
             ErrorCode.RATE_LIMITED,
@@ -509,9 +563,18 @@ class Session:
             before=request.before,
             limit=request.limit,
         )
-        await self._reply(
-            protocol.HistoryPage(rid=request.rid, messages=entries, next=older)
-        )
+        page = protocol.HistoryPage(rid=request.rid, messages=entries, next=older)
+
+        # Large bodies can add up past the frame limit: send the newest entries
+        # that fit, and point ``next`` at the older ones left out.
+        limit = self._config.max_frame_size
+        if sum(4 * len(entry.body) + FRAME_OVERHEAD for entry in entries) > limit:
+            while len(entries) > 1 and len(protocol.encode_message(page)) > limit:
+                entries = entries[len(entries) // 2 :]
+                page = protocol.HistoryPage(
+                    rid=request.rid, messages=entries, next=entries[0].seq
+                )
+        await self._reply(page)
 
     async def _on_group_create(self, request: protocol.GroupCreate) -> None:
         groups = self._context.groups
@@ -596,16 +659,18 @@ class Session:
         receive = self._outbox_receive
         while True:
             batch = [await receive.receive()]
-            while len(batch) < WRITE_BATCH:
+            # Nothing may follow a Goodbye, not even a delivery offered after it.
+            while len(batch) < WRITE_BATCH and type(batch[-1]) is not protocol.Goodbye:
                 try:
                     batch.append(receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            await self._transport.send(batch)
+            await self._send_frames(batch)
             metrics.messages_out.inc(
                 sum(1 for message in batch if isinstance(message, protocol.Deliver))
             )
             if isinstance(batch[-1], protocol.Goodbye):
+                self._said_goodbye.set()
                 return
 
     async def _catch_up(self, start: int, end: int) -> None:
@@ -631,7 +696,7 @@ class Session:
                     self.user, partition, start, stored_until
                 )
                 for first in range(0, len(rows), WRITE_BATCH):
-                    await self._transport.send(
+                    await self._send_frames(
                         [
                             self._delivery(partition, offset, record)
                             for offset, record in rows[first : first + WRITE_BATCH]
@@ -651,8 +716,14 @@ class Session:
                 if parsed is not None and self.user in parsed[1]:
                     batch.append(parsed[0])
             if batch:
-                await self._transport.send(batch)
+                await self._send_frames(batch)
             offset = records[-1].offset + 1
+
+    async def _send_frames(self, frames: Sequence[protocol.Message]) -> None:
+        """The writer's send: remembers a write that was cancelled part way."""
+        self._torn = True
+        await self._transport.send(frames)
+        self._torn = False
 
     @staticmethod
     def _delivery(partition: int, offset: int, record: InboxRecord) -> protocol.Deliver:
