@@ -152,15 +152,17 @@ class Client:
         except trio.EndOfChannel:
             raise ConnectionLost(str(self._lost or "client closed")) from self._lost
 
-    def __aiter__(self) -> AsyncIterator[protocol.Deliver]:
-        return self._iterate()
+    # An iterator object rather than an async generator: a caller that breaks
+    # out of ``async for`` leaves nothing behind for the garbage collector to
+    # finalize outside trio.
+    def __aiter__(self) -> Client:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[protocol.Deliver]:
-        while True:
-            try:
-                yield await self.receive()
-            except ConnectionLost:
-                return
+    async def __anext__(self) -> protocol.Deliver:
+        try:
+            return await self.receive()
+        except ConnectionLost:
+            raise StopAsyncIteration from None
 
     async def ack(self) -> None:
         """Tell the server how far this device has read (resume point if none given)."""
@@ -320,10 +322,8 @@ class Client:
         if self.cursor is None:
             self.cursor = welcome.cursor
 
-    async def _run(self, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _run(self) -> None:
         """Read the connection; on loss, reconnect (if enabled) and resend."""
-        await self._connect()
-        task_status.started()
         while True:
             try:
                 await self._read_until_closed()
@@ -480,10 +480,20 @@ async def open_client(host: str, port: int, **options: Any) -> AsyncIterator[Cli
     token, error code ``auth_failed``).
     """
     client = Client(host, port, **options)
-    async with trio.open_nursery() as nursery:
-        client._nursery = nursery
-        await nursery.start(client._run)
-        try:
-            yield client
-        finally:
-            await client.aclose()
+    # Connect before the nursery exists, so that a refusal or an unreachable
+    # server raises as itself rather than inside an exception group.
+    await client._connect()
+    try:
+        async with trio.open_nursery() as nursery:
+            client._nursery = nursery
+            nursery.start_soon(client._run)
+            try:
+                yield client
+            finally:
+                await client.aclose()
+    except BaseExceptionGroup as group:
+        # The reader task handles its own errors, so a group holds what the
+        # caller's block raised: hand that back unwrapped, as it was raised.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
