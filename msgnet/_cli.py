@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from typing import NoReturn
 
 import trio
 
@@ -59,8 +60,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line in one line, not under the whole usage text.
+
+    ``serve`` has a flag per setting, so the usage alone would fill a screen
+    and hide the one line that says what was wrong.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="msgnet",
         description="A chat messaging server with Kafka as its pub/sub backplane.",
     )
