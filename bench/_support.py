@@ -144,7 +144,13 @@ def start_server(
         raise_nofile()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_listening(process, host, port)
+            try:
+                _wait_listening(process, host, port)
+            except RuntimeError as exc:
+                log.flush()
+                with open(log.name, encoding="utf-8", errors="replace") as output:
+                    tail = output.read()[-2000:]
+                raise RuntimeError(f"{exc}; its output ends:\n{tail}") from None
             yield ServerProcess(host=host, port=port, secret=secret, pid=process.pid)
         finally:
             if process.poll() is None:

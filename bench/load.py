@@ -15,6 +15,7 @@ server that stalls cannot hide the stall by slowing the generator down.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import secrets
@@ -27,11 +28,13 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import trio
 from hdrh.histogram import HdrHistogram
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from msgnet._admin import init_cluster
 from msgnet._kafka import create_inbox_topic
 
 from ._loadgen import LoadSpec, new_histogram, run_worker
@@ -426,12 +429,27 @@ def _server(args: argparse.Namespace) -> Iterator[ServerProcess]:
         f"--partitions={args.partitions}",
     ]
     if args.backplane == "kafka":
-        topic = f"msgnet.bench.{secrets.token_hex(4)}"
+        run = secrets.token_hex(4)
+        topic, cluster_topic = f"msgnet.bench.{run}", f"msgnet.bench.cluster.{run}"
         create_inbox_topic(args.kafka_bootstrap, topic, partitions=args.partitions)
+        # A Kafka server finds its partitions in the cluster map: one slot,
+        # owned by the one server, holds them all.
+        trio.run(
+            functools.partial(
+                init_cluster,
+                args.kafka_bootstrap,
+                partitions=args.partitions,
+                slots=1,
+                inbox_topic=topic,
+                cluster_topic=cluster_topic,
+            )
+        )
         options += [
             "--backplane=kafka",
             f"--kafka-bootstrap={args.kafka_bootstrap}",
             f"--kafka-topic={topic}",
+            f"--cluster-topic={cluster_topic}",
+            "--slot=0",
         ]
     elif args.memory:
         options.append("--memory")
