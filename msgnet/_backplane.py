@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
 
 import attrs
+import trio
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+"""Backoff while the log is unreachable; the last value repeats."""
 
 
 class BackplaneUnavailable(Exception):
@@ -79,3 +88,21 @@ class Backplane(Protocol):
     async def aclose(self) -> None:
         """Release connections and threads; pending appends fail, none is lost."""
         ...
+
+
+async def until_available(operation: Callable[[], Awaitable[_T]], *, what: str) -> _T:
+    """Retry ``operation`` through ``BackplaneUnavailable`` until it succeeds.
+
+    For the server's own background work (delivery, history, the cluster
+    map), which must ride out a broker restart rather than give up; requests
+    from clients fail fast instead, so no one waits without knowing why.
+    """
+    failures = 0
+    while True:
+        try:
+            return await operation()
+        except BackplaneUnavailable as exc:
+            if failures == 0:
+                logger.warning("log unavailable while %s; retrying: %s", what, exc)
+            await trio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
+            failures += 1

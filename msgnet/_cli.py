@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 import os
 import signal
@@ -15,7 +17,9 @@ import trio
 
 import protocol
 
+from ._admin import cluster_status, init_cluster
 from ._auth import AuthError, load_or_create_secret, mint_token
+from ._backplane import BackplaneUnavailable
 from ._client import Client, ConnectionLost, RequestFailed, ServerRefused, open_client
 from ._config import (
     ConfigError,
@@ -35,6 +39,10 @@ DEFAULTS = ServerConfig()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dev-kafka"]:
+        # Its own parser: argparse cannot pass options through a subcommand.
+        return dev_kafka_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -44,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # kafka-python narrates every connection at INFO; its warnings still show.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         result: int = args.run(args)
     except (ConfigError, AuthError) as exc:
@@ -52,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServerRefused as exc:
         print(f"msgnet: the server refused the connection: {exc}", file=sys.stderr)
         return 1
-    except (OSError, ConnectionLost) as exc:
+    except (OSError, ConnectionLost, BackplaneUnavailable, ValueError) as exc:
         print(f"msgnet: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -123,14 +133,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     listen_cmd.set_defaults(run=_listen)
 
+    cluster_cmd = commands.add_parser(
+        "cluster", help="create and inspect a Kafka cluster of messaging servers"
+    )
+    cluster_actions = cluster_cmd.add_subparsers(dest="action", required=True)
+    init_cmd = cluster_actions.add_parser(
+        "init",
+        help="create the inbox and cluster topics and write the slot layout",
+    )
+    _add_kafka_arguments(init_cmd)
+    init_cmd.add_argument("--partitions", type=int, required=True)
+    init_cmd.add_argument("--slots", type=int, required=True, help="server slots")
+    init_cmd.add_argument("--replication-factor", type=int, default=1)
+    init_cmd.add_argument("--min-insync-replicas", type=int, default=1)
+    init_cmd.set_defaults(run=_cluster_init)
+    status_cmd = cluster_actions.add_parser(
+        "status", help="print the cluster map: slots, owners, epochs, standbys"
+    )
+    _add_kafka_arguments(status_cmd)
+    status_cmd.add_argument("--json", action="store_true", help="machine-readable")
+    status_cmd.set_defaults(run=_cluster_status)
+
     kafka_cmd = commands.add_parser(
         "dev-kafka",
         help="run a single-node Apache Kafka on 127.0.0.1 for development",
         add_help=False,
     )
-    kafka_cmd.add_argument("rest", nargs=argparse.REMAINDER)
-    kafka_cmd.set_defaults(run=_dev_kafka)
+    kafka_cmd.add_argument("options", nargs="*", help="see msgnet dev-kafka --help")
     return parser
+
+
+def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kafka-bootstrap",
+        default=os.environ.get("MSGNET_KAFKA_BOOTSTRAP", DEFAULTS.kafka_bootstrap),
+        help="Kafka bootstrap servers (default: %(default)s)",
+    )
+    parser.add_argument("--kafka-topic", default=DEFAULTS.kafka_topic)
+    parser.add_argument("--cluster-topic", default=DEFAULTS.cluster_topic)
 
 
 def _add_secret_arguments(parser: argparse.ArgumentParser) -> None:
@@ -335,5 +375,53 @@ def _format_entry(entry: protocol.HistoryEntry) -> str:
     return f"{_clock(entry.ts)} {entry.sender} -> {where}: {entry.body}"
 
 
-def _dev_kafka(args: argparse.Namespace) -> int:
-    return dev_kafka_main(args.rest)
+def _cluster_init(args: argparse.Namespace) -> int:
+    layout = trio.run(
+        functools.partial(
+            init_cluster,
+            args.kafka_bootstrap,
+            partitions=args.partitions,
+            slots=args.slots,
+            replication_factor=args.replication_factor,
+            min_insync_replicas=args.min_insync_replicas,
+            inbox_topic=args.kafka_topic,
+            cluster_topic=args.cluster_topic,
+        )
+    )
+    print(f"cluster ready: {layout.partitions} partitions over {layout.slots} slots")
+    return 0
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    status = trio.run(
+        functools.partial(
+            cluster_status, args.kafka_bootstrap, cluster_topic=args.cluster_topic
+        )
+    )
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    layout = status["layout"]
+    if layout is None:
+        print("no cluster here yet: run msgnet cluster init")
+        return 1
+    print(f"{layout['partitions']} partitions over {layout['slots']} slots")
+    print("slot  epoch  owner                 address              partitions")
+    for slot in range(layout["slots"]):
+        claim = status["slots"].get(slot)
+        if claim is None:
+            print(f"{slot:<5} {'-':<6} {'(vacant)':<21}")
+            continue
+        address = f"{claim['host']}:{claim['port']}"
+        partitions = ",".join(str(p) for p in claim["partitions"])
+        print(
+            f"{slot:<5} {claim['epoch']:<6} {claim['server']:<21} {address:<20} "
+            f"{partitions}"
+        )
+    print("servers:")
+    for name, server in status["servers"].items():
+        print(
+            f"  {name:<24} {server['role']:<8} "
+            f"last heartbeat {server['heartbeat_age_s']}s ago"
+        )
+    return 0

@@ -125,6 +125,7 @@ class Client:
             protocol.Deliver
         ](math.inf)
         self.reconnects = 0
+        self._last_heard = trio.current_time()
         self.duplicates_dropped = 0
 
     # --- public API --------------------------------------------------------------
@@ -319,6 +320,7 @@ class Client:
     async def _connect(self) -> None:
         transport, welcome = await self._dial()
         self._transport, self.welcome = transport, welcome
+        self._last_heard = trio.current_time()
         if self.cursor is None:
             self.cursor = welcome.cursor
 
@@ -380,9 +382,29 @@ class Client:
         assert transport is not None
         while True:
             message = await transport.receive()
+            self._last_heard = trio.current_time()
             if message is None or isinstance(message, protocol.Goodbye):
                 return
             self._dispatch(message)
+
+    async def _watch_liveness(self) -> None:
+        """Drop a connection whose server has gone silent, so it can be replaced.
+
+        The server pings an idle client, so long silence means the server is
+        paused, cut off, or gone without closing the connection. Closing
+        the transport wakes the reader, which then reconnects (if enabled).
+        """
+        while True:
+            # Twice the server's idle timeout: a live server pings well within
+            # one, so only a server that is really gone gets dropped.
+            timeout = 2 * (self.welcome.idle_timeout if self.welcome else 60.0)
+            await trio.sleep(timeout / 4)
+            transport = self._transport
+            if transport is not None and (
+                trio.current_time() - self._last_heard > timeout
+            ):
+                logger.debug("server silent for %.1fs; reconnecting", timeout)
+                await transport.aclose()
 
     def _dispatch(self, message: protocol.Message) -> None:
         if isinstance(message, protocol.Deliver):
@@ -487,6 +509,7 @@ async def open_client(host: str, port: int, **options: Any) -> AsyncIterator[Cli
         async with trio.open_nursery() as nursery:
             client._nursery = nursery
             nursery.start_soon(client._run)
+            nursery.start_soon(client._watch_liveness)
             try:
                 yield client
             finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -9,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._backplane import Backplane, BackplaneUnavailable
+from ._backplane import Backplane, BackplaneUnavailable, until_available
 from ._clustermap import (
     ClusterMap,
     Entry,
@@ -199,7 +200,10 @@ class ClusterMember:
     async def _follow_log(self) -> None:
         """Apply every cluster record in order, acquiring and releasing slots."""
         while True:
-            records = await self._log.read(CLUSTER_PARTITION, self._position)
+            records = await until_available(
+                functools.partial(self._log.read, CLUSTER_PARTITION, self._position),
+                what="following the cluster map",
+            )
             now = trio.current_time()
             for record in records:
                 entry = _decode(record.key, record.value, record.offset)

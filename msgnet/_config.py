@@ -106,6 +106,20 @@ class ServerConfig:
     )
     kafka_bootstrap: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers")
     kafka_topic: str = _setting("msgnet.inbox", "Kafka inbox topic")
+    cluster_topic: str = _setting(
+        "msgnet.cluster", "Kafka topic holding the cluster map and heartbeats"
+    )
+    slot: int = _setting(
+        -1, "cluster slot this server owns on Kafka; -1 makes it a standby"
+    )
+    heartbeat_interval: float = _setting(
+        1.0, "seconds between cluster heartbeats", validator=_positive
+    )
+    takeover_timeout: float = _setting(
+        6.0,
+        "seconds of silence after which a standby takes over a slot",
+        validator=_positive,
+    )
 
     max_connections: int = _setting(
         10000, "connections beyond this get error server_full", validator=_positive

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ._backplane import Backplane
+from ._cluster_groups import ClusterGroups
 from ._config import ServerConfig
 from ._groups import GroupDirectory
 from ._history import SQLiteHistoryStore
@@ -16,6 +17,7 @@ from ._partition import PartitionOwner
 from ._routing import partition_for
 
 if TYPE_CHECKING:
+    from ._cluster import ClusterMember
     from ._session import Session
 
 __all__ = ["OwnerAddress", "ServerContext"]
@@ -38,13 +40,16 @@ class ServerContext:
     backplane: Backplane
     history: SQLiteHistoryStore | None
     history_group: str
-    groups: GroupDirectory
+    groups: GroupDirectory | ClusterGroups
+    """Group membership: SQLite on one server, the cluster log in a cluster."""
     metrics: ServerMetrics
     owners: dict[int, PartitionOwner] = attrs.field(factory=dict)
     """The partitions this server serves now, by number."""
     sessions: set[Session] = attrs.field(factory=set)
     owner_address: Callable[[int], OwnerAddress | None] = _nobody
     """Where to redirect a client whose partition another server owns."""
+    cluster: ClusterMember | None = None
+    """This server's cluster membership, on Kafka."""
 
     def partition_for(self, user: str) -> int:
         return partition_for(user, self.backplane.partitions)

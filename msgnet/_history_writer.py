@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
 import trio
 
-from ._backplane import Backplane, BackplaneUnavailable, LogRecord
+from ._backplane import Backplane, LogRecord, until_available
 from ._history import SQLiteHistoryStore
 from ._records import BadRecord, InboxRecord, decode_record
 
@@ -19,7 +20,6 @@ HISTORY_GROUP = "msgnet-history"
 """The consumer group of history writers; its offset marks what the store holds."""
 
 BATCH_SIZE = 1000
-RETRY_DELAY = 1.0
 
 
 async def write_history(
@@ -38,27 +38,27 @@ async def write_history(
     keys make harmless. Catch-up relies on exactly this (see
     ``Session._catch_up``).
     """
-    offset = await backplane.committed(group, partition) or 0
+    what = f"writing history of partition {partition}"
+    committed = await until_available(
+        functools.partial(backplane.committed, group, partition), what=what
+    )
+    offset = committed or 0
     task_status.started()
 
     while True:
-        records = await backplane.read(partition, offset, max_records=BATCH_SIZE)
+        records = await until_available(
+            functools.partial(
+                backplane.read, partition, offset, max_records=BATCH_SIZE
+            ),
+            what=what,
+        )
         entries = _decode(records)
+        if entries:
+            await store.write(entries)
         end = records[-1].offset + 1
-        while True:
-            try:
-                if entries:
-                    await store.write(entries)
-                await backplane.commit(group, partition, end)
-                break
-            except BackplaneUnavailable:
-                logger.warning(
-                    "history commit failed partition=%d offset=%d; retrying",
-                    partition,
-                    end,
-                    exc_info=True,
-                )
-                await trio.sleep(RETRY_DELAY)
+        await until_available(
+            functools.partial(backplane.commit, group, partition, end), what=what
+        )
         offset = end
 
 

@@ -513,7 +513,7 @@ class KafkaBackplane:
         self._sender.join()
         # close() flushes: every record handed to send() is acknowledged or
         # failed (after at most the delivery timeout) before it returns.
-        self._producer.close()
+        self._producer.close(timeout=self._request_timeout_ms / 1000 + 5)
         clients: list[_GroupClient | _PartitionReader] = [
             self._offsets_client,
             *self._groups.values(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -10,7 +11,7 @@ import trio
 
 import protocol
 
-from ._backplane import Backplane, BackplaneUnavailable
+from ._backplane import Backplane, BackplaneUnavailable, until_available
 from ._records import BadRecord, decode_record
 
 if TYPE_CHECKING:
@@ -132,9 +133,9 @@ class PartitionOwner:
         The cursor is committed every ``COMMIT_INTERVAL``; the server commits it
         once more after a graceful stop (``commit``), while the log is still open.
         """
-        committed = await self._backplane.committed(DELIVERY_GROUP, self.partition)
-        if committed is None:
-            committed = await self._backplane.end_offset(self.partition)
+        committed = await until_available(
+            self._start_offset, what=f"starting partition {self.partition}"
+        )
         self.next_offset = self._committed = committed
         logger.info(
             "partition assigned partition=%d offset=%d", self.partition, committed
@@ -152,9 +153,21 @@ class PartitionOwner:
                 self.next_offset,
             )
 
+    async def _start_offset(self) -> int:
+        committed = await self._backplane.committed(DELIVERY_GROUP, self.partition)
+        if committed is None:
+            committed = await self._backplane.end_offset(self.partition)
+        return committed
+
     async def _deliver_forever(self) -> None:
+        what = f"reading partition {self.partition}"
         while True:
-            records = await self._backplane.read(self.partition, self.next_offset)
+            records = await until_available(
+                functools.partial(
+                    self._backplane.read, self.partition, self.next_offset
+                ),
+                what=what,
+            )
             await self._wait_for_lease()
             for record in records:
                 self._dispatch(record.offset, record.value)
@@ -176,7 +189,10 @@ class PartitionOwner:
             await trio.sleep(COMMIT_INTERVAL)
             await self._commit()
             with trio.move_on_after(COMMIT_INTERVAL):
-                end = await self._backplane.end_offset(self.partition)
+                try:
+                    end = await self._backplane.end_offset(self.partition)
+                except BackplaneUnavailable:
+                    continue
                 lag.set(max(0, end - self.next_offset))
 
     async def _wait_for_lease(self) -> None:
@@ -203,13 +219,11 @@ class PartitionOwner:
             return
         try:
             await self._backplane.commit(DELIVERY_GROUP, self.partition, offset)
-        except BackplaneUnavailable:
+        except BackplaneUnavailable as exc:
             # A lost commit only means some records are delivered again after a
             # restart; clients drop them by message id.
             logger.warning(
-                "cannot commit delivery cursor partition=%d",
-                self.partition,
-                exc_info=True,
+                "cannot commit delivery cursor partition=%d: %s", self.partition, exc
             )
             return
         self._committed = offset

@@ -28,7 +28,9 @@ class TokenBucket:
     def try_take(self) -> bool:
         """Spend one token if there is one; False means the request is refused."""
         now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
+        self._tokens = min(
+            self._burst, self._tokens + (now - self._updated) * self._rate
+        )
         self._updated = now
         if self._tokens < 1.0:
             return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import attrs
@@ -15,8 +15,11 @@ import protocol
 
 from ._auth import load_or_create_secret
 from ._backplane import Backplane
+from ._cluster import ClusterMember
+from ._cluster_groups import ClusterGroups
+from ._clustermap import SlotClaim
 from ._config import ServerConfig
-from ._context import ServerContext
+from ._context import OwnerAddress, ServerContext
 from ._embedded import open_embedded_backplane
 from ._groups import open_group_directory
 from ._history import open_history_store
@@ -75,10 +78,11 @@ async def serve(
 ) -> None:
     """Run a messaging server until cancelled or shut down.
 
-    ``partitions`` limits the inbox partitions this server owns (default: all
-    of them, as a single embedded server does). ``task_status`` receives a
-    ``RunningServer`` once every owned partition is served and the listener is
-    accepting, so tests can ``await nursery.start(serve, config)`` on port 0.
+    On the embedded log the server owns ``partitions`` (default: all of them).
+    On Kafka it joins the cluster instead: it owns the partitions of the slot it
+    claims (``config.slot``), or stands by to take over a silent server's slot.
+    ``task_status`` receives a ``RunningServer`` once the server knows its role
+    and accepts connections, so tests can ``await nursery.start(serve, config)``.
     """
     secret = config.secret
     if not secret:
@@ -91,6 +95,9 @@ async def serve(
                 config.data_dir,
             )
 
+    if not config.memory:
+        os.makedirs(config.data_dir, exist_ok=True)
+
     async with AsyncExitStack() as stack:
         backplane = await stack.enter_async_context(open_backplane(config))
         history_path = (
@@ -100,9 +107,15 @@ async def serve(
         groups = await stack.enter_async_context(
             open_group_directory(history_path, max_members=config.max_group_members)
         )
+        cluster_log = None
+        if config.backplane == "kafka":
+            cluster_log = await stack.enter_async_context(
+                open_kafka_backplane(config.kafka_bootstrap, topic=config.cluster_topic)
+            )
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         port = listeners[0].socket.getsockname()[1]
         web_listeners = await open_web_listeners(config)
+        ws_port = web_listeners[0].socket.getsockname()[1] if web_listeners else None
 
         context = ServerContext(
             config=config,
@@ -114,114 +127,197 @@ async def serve(
             groups=groups,
             metrics=ServerMetrics(),
         )
-        owned = range(backplane.partitions) if partitions is None else partitions
-        await _run(context, listeners, web_listeners, sorted(owned), task_status)
+        async with trio.open_nursery() as core:
+            if cluster_log is None:
+                owned = (
+                    range(backplane.partitions) if partitions is None else partitions
+                )
+                await core.start(_serve_partitions, context, sorted(owned), None)
+            else:
+                await _join_cluster(context, cluster_log, core, port, ws_port)
+            running = await _run(context, listeners, web_listeners, core, task_status)
+            owners = list(context.owners.values())
+            core.cancel_scope.cancel()
+
+        # Only a graceful stop gets here, with the log still open: commit each
+        # delivery cursor so a successor resumes exactly where this one stopped.
+        for owner in owners:
+            await owner.commit()
+        running.stopped.set()
+        logger.info("stopped server=%s", context.name)
+
+
+async def _join_cluster(
+    context: ServerContext,
+    cluster_log: Backplane,
+    core: trio.Nursery,
+    port: int,
+    ws_port: int | None,
+) -> None:
+    """Take this server's place in the cluster: its slot, or standby."""
+    config = context.config
+    slots: dict[int, trio.CancelScope] = {}
+
+    async def acquire(slot: int, claim: SlotClaim) -> None:
+        partitions = list(member.map.partitions_of(slot))
+        slots[slot] = await core.start(
+            _serve_partitions, context, partitions, member.holds_lease
+        )
+
+    async def release(slot: int, claim: SlotClaim) -> None:
+        scope = slots.pop(slot, None)
+        if scope is not None:
+            scope.cancel()
+
+    member = ClusterMember(
+        cluster_log,
+        server=config.name or f"{config.public_host}:{port}",
+        host=config.public_host,
+        port=port,
+        ws_port=ws_port,
+        slot=None if config.slot < 0 else config.slot,
+        heartbeat_interval=config.heartbeat_interval,
+        takeover_timeout=config.takeover_timeout,
+        on_acquire=acquire,
+        on_release=release,
+    )
+
+    def owner_address(partition: int) -> OwnerAddress | None:
+        owner = member.map.owner_of(partition)
+        if owner is None or owner.incarnation == member.incarnation:
+            return None
+        return owner.host, owner.port, owner.ws_port
+
+    context.owner_address = owner_address
+    context.cluster = member
+    context.groups = ClusterGroups(member, max_members=config.max_group_members)
+    await core.start(member.run)
+
+
+async def _serve_partitions(
+    context: ServerContext,
+    partitions: list[int],
+    lease: Callable[[], bool] | None,
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope],
+) -> None:
+    """Own ``partitions`` until cancelled: one owner task each, plus history.
+
+    Cancelling the returned scope stops delivery at once and drops the devices
+    attached to these partitions; they reconnect and are redirected to the new
+    owner. Each partition gets a nursery of its own, so one failing partition
+    does not take the others down with it.
+    """
+    owners: list[PartitionOwner] = []
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                for partition in partitions:
+                    owner = PartitionOwner(
+                        partition,
+                        context.backplane,
+                        metrics=context.metrics,
+                        lease=lease,
+                    )
+                    await nursery.start(_own_partition, owner)
+                    owners.append(owner)
+                    if context.history is not None:
+                        await nursery.start(
+                            write_history, context.backplane, context.history, partition
+                        )
+                # Published only once all are running: a client is accepted
+                # only when its partition is served, so attach() always works.
+                for owner in owners:
+                    context.owners[owner.partition] = owner
+                task_status.started(scope)
+    finally:
+        for owner in owners:
+            if context.owners.get(owner.partition) is owner:
+                del context.owners[owner.partition]
+            owner.evict_all(
+                f"partition {owner.partition} moved to another server; "
+                "reconnect to be redirected"
+            )
 
 
 async def _run(
     context: ServerContext,
     listeners: list[trio.SocketListener],
     web_listeners: list[trio.SocketListener],
-    owned: list[int],
+    core: trio.Nursery,
     task_status: trio.TaskStatus[RunningServer],
-) -> None:
+) -> RunningServer:
+    """Serve metrics and client connections until a graceful shutdown."""
     config = context.config
-    async with trio.open_nursery() as core:
-        # Partitions first: a client is accepted only once its partition is
-        # served, so attach() always finds a running owner.
-        for partition in owned:
-            owner = PartitionOwner(
-                partition, context.backplane, metrics=context.metrics
-            )
-            await core.start(_own_partition, owner)
-            context.owners[partition] = owner
-            if context.history is not None:
-                await core.start(
-                    write_history, context.backplane, context.history, partition
-                )
+    metrics_port = None
+    if config.metrics_enabled:
+        metrics_listeners = await trio.open_tcp_listeners(
+            config.metrics_port, host=config.host
+        )
+        metrics_port = metrics_listeners[0].socket.getsockname()[1]
+        await core.start(serve_metrics, context.metrics, metrics_listeners)
 
-        metrics_port = None
-        if config.metrics_enabled:
-            metrics_listeners = await trio.open_tcp_listeners(
-                config.metrics_port, host=config.host
-            )
-            metrics_port = metrics_listeners[0].socket.getsockname()[1]
-            await core.start(serve_metrics, context.metrics, metrics_listeners)
+    host, port = listeners[0].socket.getsockname()[:2]
+    ws_port = web_listeners[0].socket.getsockname()[1] if web_listeners else None
+    running = RunningServer(host, port, metrics_port, context, ws_port)
+    accepting = trio.CancelScope()
 
-        host, port = listeners[0].socket.getsockname()[:2]
-        ws_port = web_listeners[0].socket.getsockname()[1] if web_listeners else None
-        running = RunningServer(host, port, metrics_port, context, ws_port)
+    async def handle(stream: trio.SocketStream) -> None:
+        transport = StreamTransport(
+            stream, role=protocol.Role.SERVER, max_frame_size=config.max_frame_size
+        )
+        await Session(context, transport).run()
 
-        accepting = trio.CancelScope()
+    async with trio.open_nursery() as connections:
 
-        async def handle(stream: trio.SocketStream) -> None:
-            transport = StreamTransport(
-                stream, role=protocol.Role.SERVER, max_frame_size=config.max_frame_size
-            )
-            await Session(context, transport).run()
-
-        async with trio.open_nursery() as connections:
-
-            async def accept(
-                *,
-                task_status: trio.TaskStatus[list[trio.SocketListener]],
-            ) -> None:
-                with accepting:
-                    async with trio.open_nursery() as web:
-                        if web_listeners:
-                            await web.start(
-                                functools.partial(
-                                    serve_web,
-                                    context,
-                                    web_listeners,
-                                    handler_nursery=connections,
-                                )
+        async def accept(
+            *, task_status: trio.TaskStatus[list[trio.SocketListener]]
+        ) -> None:
+            with accepting:
+                async with trio.open_nursery() as web:
+                    if web_listeners:
+                        await web.start(
+                            functools.partial(
+                                serve_web,
+                                context,
+                                web_listeners,
+                                handler_nursery=connections,
                             )
-                        await trio.serve_listeners(
-                            handle,
-                            listeners,
-                            handler_nursery=connections,
-                            task_status=task_status,
                         )
+                    await trio.serve_listeners(
+                        handle,
+                        listeners,
+                        handler_nursery=connections,
+                        task_status=task_status,
+                    )
 
-            await connections.start(accept)
-            logger.info(
-                "listening server=%s host=%s port=%d ws_port=%s metrics_port=%s "
-                "partitions=%d",
-                context.name,
-                host,
-                port,
-                ws_port,
-                metrics_port,
-                len(owned),
-            )
-            task_status.started(running)
-            await running._shutdown.wait()
+        await connections.start(accept)
+        logger.info(
+            "listening server=%s host=%s port=%d ws_port=%s metrics_port=%s "
+            "partitions=%s",
+            context.name,
+            host,
+            port,
+            ws_port,
+            metrics_port,
+            sorted(context.owners),
+        )
+        task_status.started(running)
+        await running._shutdown.wait()
 
-            # Graceful shutdown: stop accepting, let each session finish the
-            # request in hand and flush its queue, then give up after the grace.
-            accepting.cancel()
-            for listener in listeners:
-                await listener.aclose()
-            logger.info(
-                "shutting down server=%s sessions=%d",
-                context.name,
-                len(context.sessions),
-            )
-            for session in list(context.sessions):
-                session.stop()
-            connections.cancel_scope.deadline = (
-                trio.current_time() + config.shutdown_grace
-            )
+        # Graceful shutdown: stop accepting, let each session finish the
+        # request in hand and flush its queue, then give up after the grace.
+        accepting.cancel()
+        for listener in listeners:
+            await listener.aclose()
+        logger.info(
+            "shutting down server=%s sessions=%d", context.name, len(context.sessions)
+        )
+        for session in list(context.sessions):
+            session.stop()
+        connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
 
-        core.cancel_scope.cancel()
-
-    # Only a graceful stop gets here; the log is still open, so the cursors of
-    # what was delivered are committed and a successor resumes right there.
-    for owner in context.owners.values():
-        await owner.commit()
-    running.stopped.set()
-    logger.info("stopped server=%s", context.name)
+    return running
 
 
 async def _own_partition(

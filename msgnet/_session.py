@@ -140,6 +140,10 @@ class Session:
             self.fail(ended.code, ended.text)
         except protocol.RemoteProtocolError as exc:
             self.fail(exc.code, str(exc))
+        except BackplaneUnavailable as exc:
+            # Catch-up or the handshake could not read the log: the client
+            # retries later with the same cursor, so nothing is skipped.
+            self.fail(ErrorCode.UNAVAILABLE, f"the message log is unavailable: {exc}")
         except protocol.LocalProtocolError as exc:
             # Our own bug (a frame we should not have built): drop this
             # connection rather than let it take the whole server down.
