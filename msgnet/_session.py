@@ -725,6 +725,11 @@ class Session:
 
     async def _send_frames(self, frames: Sequence[protocol.Message]) -> None:
         """The writer's send: remembers a write that was cancelled part way."""
+        # A cancellation already pending is taken here, before any byte goes
+        # out; nothing in between yields, so one that arrives later finds the
+        # write begun (on a full socket, possibly with nothing sent: a peer
+        # that reads nothing loses no readable Error by that).
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._torn = True
         await self._transport.send(frames)
         self._torn = False
