@@ -13,10 +13,9 @@ import uuid
 from pathlib import Path
 
 import trio
+from support import SECRET
 
 from msgnet._admin import init_cluster
-
-from support import SECRET
 
 LISTENING = re.compile(r"listening server=(\S+) host=(\S+) port=(\d+)")
 STARTUP_TIMEOUT = 90.0
