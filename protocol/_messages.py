@@ -213,7 +213,7 @@ class Welcome:
     partition: int = attrs.field(validator=_check_offset)
     """The user's inbox partition."""
     cursor: int = attrs.field(validator=_check_offset)
-    """Inbox offset where live delivery for this connection starts."""
+    """Inbox offset this connection delivers from (catch-up included)."""
     max_frame: int = attrs.field(validator=check_int(1, 2**32))
     """Largest frame body, in bytes, the server accepts."""
     idle_timeout: float = attrs.field(
