@@ -67,11 +67,11 @@ def _decode(records: Sequence[LogRecord]) -> list[tuple[LogRecord, InboxRecord]]
     for record in records:
         try:
             entries.append((record, decode_record(record.value)))
-        except BadRecord:
+        except BadRecord as exc:
             logger.warning(
-                "history skips malformed record partition=%d offset=%d",
+                "history skips malformed record partition=%d offset=%d: %s",
                 record.partition,
                 record.offset,
-                exc_info=True,
+                exc,
             )
     return entries

@@ -52,12 +52,12 @@ def deliver_message(
     """Turn one log record into the Deliver frame, its recipients and its origin."""
     try:
         record = decode_record(value)
-    except BadRecord:
+    except BadRecord as exc:
         logger.warning(
-            "skipping malformed record partition=%d offset=%d",
+            "skipping malformed record partition=%d offset=%d: %s",
             partition,
             offset,
-            exc_info=True,
+            exc,
         )
         return None
     delivery = protocol.Deliver(
