@@ -106,3 +106,37 @@ async def until_available(operation: Callable[[], Awaitable[_T]], *, what: str) 
                 logger.warning("log unavailable while %s; retrying: %s", what, exc)
             await trio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
             failures += 1
+
+
+# Argument checks shared by every implementation, so that all of them refuse
+# the same bad arguments with the same words (the contract suite checks this).
+
+
+def check_partition(partition: int, partitions: int, where: str) -> None:
+    """Refuse a partition number that is not an int in ``[0, partitions)``."""
+    if not isinstance(partition, int) or isinstance(partition, bool):
+        raise TypeError(f"partition must be an int, not {partition!r}")
+    if not 0 <= partition < partitions:
+        raise ValueError(
+            f"partition {partition!r} is out of range for {where} "
+            f"with {partitions} partitions"
+        )
+
+
+def check_offset(offset: int) -> None:
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise TypeError(f"offset must be an int, not {offset!r}")
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, not {offset!r}")
+
+
+def check_bytes(name: str, data: bytes) -> None:
+    if not isinstance(data, bytes):
+        raise TypeError(f"{name} must be bytes, not {data!r}")
+
+
+def check_group(group: str) -> None:
+    if not isinstance(group, str):
+        raise TypeError(f"group must be a str, not {group!r}")
+    if not group:
+        raise ValueError(f"group must not be empty, not {group!r}")

@@ -16,7 +16,14 @@ from pathlib import Path
 import attrs
 import trio
 
-from ._backplane import BackplaneUnavailable, LogRecord
+from ._backplane import (
+    BackplaneUnavailable,
+    LogRecord,
+    check_bytes,
+    check_group,
+    check_offset,
+    check_partition,
+)
 from ._sqlite import Database, transaction
 
 __all__ = ["LOG_FILENAME", "EmbeddedBackplane", "open_embedded_backplane"]
@@ -248,8 +255,8 @@ class EmbeddedBackplane:
         whose record was not yet taken into a transaction appends nothing.
         """
         self._check_partition(partition)
-        _check_bytes("key", key)
-        _check_bytes("value", value)
+        check_bytes("key", key)
+        check_bytes("value", value)
         self._check_writable()
 
         pending = _PendingAppend(partition, key, value)
@@ -275,7 +282,7 @@ class EmbeddedBackplane:
         call that was waiting.
         """
         self._check_partition(partition)
-        _check_offset(offset)
+        check_offset(offset)
         if not isinstance(max_records, int) or max_records < 1:
             raise ValueError(f"max_records must be a positive int, not {max_records!r}")
 
@@ -311,9 +318,9 @@ class EmbeddedBackplane:
 
         Any offset may be committed, also one lower than the last (a rewind).
         """
-        _check_group(group)
+        check_group(group)
         self._check_partition(partition)
-        _check_offset(offset)
+        check_offset(offset)
         self._check_writable()
 
         pending = _PendingCommit(group, partition, offset)
@@ -326,7 +333,7 @@ class EmbeddedBackplane:
 
     async def committed(self, group: str, partition: int) -> int | None:
         """The offset ``group`` last committed for ``partition``, or None."""
-        _check_group(group)
+        check_group(group)
         self._check_partition(partition)
         self._check_open()
         await trio.lowlevel.checkpoint()
@@ -479,32 +486,7 @@ class EmbeddedBackplane:
             raise BackplaneUnavailable(self._failure)
 
     def _check_partition(self, partition: int) -> None:
-        if not isinstance(partition, int) or isinstance(partition, bool):
-            raise TypeError(f"partition must be an int, not {partition!r}")
-        if not 0 <= partition < self._partitions:
-            raise ValueError(
-                f"partition {partition!r} is out of range for a log of "
-                f"{self._partitions} partitions"
-            )
-
-
-def _check_offset(offset: int) -> None:
-    if not isinstance(offset, int) or isinstance(offset, bool):
-        raise TypeError(f"offset must be an int, not {offset!r}")
-    if offset < 0:
-        raise ValueError(f"offset must not be negative, not {offset!r}")
-
-
-def _check_bytes(name: str, data: bytes) -> None:
-    if not isinstance(data, bytes):
-        raise TypeError(f"{name} must be bytes, not {data!r}")
-
-
-def _check_group(group: str) -> None:
-    if not isinstance(group, str):
-        raise TypeError(f"group must be a str, not {group!r}")
-    if not group:
-        raise ValueError(f"group must not be empty, not {group!r}")
+        check_partition(partition, self._partitions, "the embedded log")
 
 
 @asynccontextmanager

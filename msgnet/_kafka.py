@@ -17,7 +17,14 @@ from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from ._backplane import BackplaneUnavailable, LogRecord
+from ._backplane import (
+    BackplaneUnavailable,
+    LogRecord,
+    check_bytes,
+    check_group,
+    check_offset,
+    check_partition,
+)
 
 __all__ = [
     "DEFAULT_TOPIC",
@@ -227,8 +234,8 @@ class KafkaBackplane:
         cancelled call may still have appended its record.
         """
         self._check_partition(partition)
-        _check_bytes("key", key)
-        _check_bytes("value", value)
+        check_bytes("key", key)
+        check_bytes("value", value)
         self._check_open()
 
         pending = _PendingAppend(partition, key, value)
@@ -249,7 +256,7 @@ class KafkaBackplane:
         that was waiting, or if the consumer fails.
         """
         self._check_partition(partition)
-        _check_offset(offset)
+        check_offset(offset)
         if not isinstance(max_records, int) or max_records < 1:
             raise ValueError(f"max_records must be a positive int, not {max_records!r}")
         self._check_open()
@@ -291,9 +298,9 @@ class KafkaBackplane:
 
     async def commit(self, group: str, partition: int, offset: int) -> None:
         """Commit ``offset`` for ``group`` in Kafka; the latest commit wins."""
-        _check_group(group)
+        check_group(group)
         self._check_partition(partition)
-        _check_offset(offset)
+        check_offset(offset)
         self._check_open()
         tp = self._readers[partition].partition
 
@@ -307,7 +314,7 @@ class KafkaBackplane:
 
     async def committed(self, group: str, partition: int) -> int | None:
         """The offset ``group`` last committed for ``partition``, or None."""
-        _check_group(group)
+        check_group(group)
         self._check_partition(partition)
         self._check_open()
         tp = self._readers[partition].partition
@@ -535,32 +542,7 @@ class KafkaBackplane:
             raise BackplaneUnavailable(self._closed_message())
 
     def _check_partition(self, partition: int) -> None:
-        if not isinstance(partition, int) or isinstance(partition, bool):
-            raise TypeError(f"partition must be an int, not {partition!r}")
-        if not 0 <= partition < self._partitions:
-            raise ValueError(
-                f"partition {partition!r} is out of range for topic {self._topic} "
-                f"with {self._partitions} partitions"
-            )
-
-
-def _check_offset(offset: int) -> None:
-    if not isinstance(offset, int) or isinstance(offset, bool):
-        raise TypeError(f"offset must be an int, not {offset!r}")
-    if offset < 0:
-        raise ValueError(f"offset must not be negative, not {offset!r}")
-
-
-def _check_bytes(name: str, data: bytes) -> None:
-    if not isinstance(data, bytes):
-        raise TypeError(f"{name} must be bytes, not {data!r}")
-
-
-def _check_group(group: str) -> None:
-    if not isinstance(group, str):
-        raise TypeError(f"group must be a str, not {group!r}")
-    if not group:
-        raise ValueError(f"group must not be empty, not {group!r}")
+        check_partition(partition, self._partitions, f"topic {self._topic}")
 
 
 def _connect(
