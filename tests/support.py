@@ -11,6 +11,7 @@ import trio
 import protocol
 from msgnet import Client, RunningServer, ServerConfig, mint_token, open_client, serve
 from msgnet._routing import partition_for
+from protocol import ErrorCode
 
 SECRET = "test-secret-" + "x" * 40
 
@@ -120,3 +121,37 @@ class RawConnection:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+WAIT = 5.0
+"""Upper bound on any wait for the server; a hit means the test failed."""
+
+
+@asynccontextmanager
+async def raw_connection(server: RunningServer) -> AsyncIterator[RawConnection]:
+    raw = await RawConnection.open(server)
+    try:
+        yield raw
+    finally:
+        await raw.aclose()
+
+
+async def next_message(raw: RawConnection) -> protocol.Message | None:
+    with trio.fail_after(WAIT):
+        return await raw.receive()
+
+
+async def expect_fatal_error_then_close(raw: RawConnection, code: ErrorCode) -> str:
+    """The next frame is a fatal Error with ``code``, then the server closes."""
+    error = await next_message(raw)
+    assert isinstance(error, protocol.Error), error
+    assert (error.code, error.fatal) == (code, True), error
+    assert await next_message(raw) is None
+    return error.text
+
+
+async def assert_server_still_serves(server: RunningServer) -> None:
+    async with client(server, "after-a") as sender, client(server, "after-b") as peer:
+        await sender.send("after-b", "still here")
+        with trio.fail_after(WAIT):
+            assert (await peer.receive()).body == "still here"

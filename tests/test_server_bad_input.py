@@ -8,22 +8,27 @@ fresh well-behaved client on the same server must still be served.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import jwt
 import msgpack
 import pytest
 import trio
-from support import SECRET, RawConnection, client, running_server, token
+from support import (
+    SECRET,
+    WAIT,
+    assert_server_still_serves,
+    client,
+    expect_fatal_error_then_close,
+    next_message,
+    raw_connection,
+    running_server,
+    token,
+)
 
 import protocol
 from msgnet import RequestFailed, RunningServer, ServerRefused, mint_token
 from protocol import ErrorCode
-
-WAIT = 5.0
-"""Upper bound on any wait for the server; a hit means the test failed."""
 
 
 def wire(body: bytes) -> bytes:
@@ -33,35 +38,6 @@ def wire(body: bytes) -> bytes:
 
 def wire_map(**fields: Any) -> bytes:
     return wire(msgpack.packb(fields))
-
-
-@asynccontextmanager
-async def raw_connection(server: RunningServer) -> AsyncIterator[RawConnection]:
-    raw = await RawConnection.open(server)
-    try:
-        yield raw
-    finally:
-        await raw.aclose()
-
-
-async def next_message(raw: RawConnection) -> protocol.Message | None:
-    with trio.fail_after(WAIT):
-        return await raw.receive()
-
-
-async def expect_fatal_error_then_close(raw: RawConnection, code: ErrorCode) -> str:
-    error = await next_message(raw)
-    assert isinstance(error, protocol.Error), error
-    assert (error.code, error.fatal) == (code, True), error
-    assert await next_message(raw) is None
-    return error.text
-
-
-async def assert_server_still_serves(server: RunningServer) -> None:
-    async with client(server, "after-a") as sender, client(server, "after-b") as peer:
-        await sender.send("after-b", "still here")
-        with trio.fail_after(WAIT):
-            assert (await peer.receive()).body == "still here"
 
 
 SEND = {"t": "send", "id": "m1", "to": "bob", "body": "hi"}

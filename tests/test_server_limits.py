@@ -8,13 +8,17 @@ fixed sleep.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 
 import trio
 from support import (
+    WAIT,
     RawConnection,
+    assert_server_still_serves,
     client,
+    expect_fatal_error_then_close,
+    next_message,
+    raw_connection,
     running_server,
     token,
     users_in_same_partition,
@@ -24,40 +28,6 @@ from test_server import wait_for_history
 import protocol
 from msgnet import RequestFailed, RunningServer, ServerRefused
 from protocol import ErrorCode
-
-WAIT = 5.0
-"""Upper bound on any wait for the server; a hit means the test failed."""
-
-
-@asynccontextmanager
-async def raw_connection(server: RunningServer) -> AsyncIterator[RawConnection]:
-    raw = await RawConnection.open(server)
-    try:
-        yield raw
-    finally:
-        await raw.aclose()
-
-
-async def next_message(raw: RawConnection) -> protocol.Message | None:
-    with trio.fail_after(WAIT):
-        return await raw.receive()
-
-
-async def expect_fatal_error_then_close(raw: RawConnection, code: ErrorCode) -> str:
-    """The next frame is a fatal Error with ``code``, then the server closes."""
-    error = await next_message(raw)
-    assert isinstance(error, protocol.Error), error
-    assert (error.code, error.fatal) == (code, True), error
-    assert await next_message(raw) is None
-    return error.text
-
-
-async def assert_server_still_serves(server: RunningServer) -> None:
-    async with client(server, "after-a") as sender, client(server, "after-b") as peer:
-        await sender.send("after-b", "still here")
-        with trio.fail_after(WAIT):
-            assert (await peer.receive()).body == "still here"
-
 
 # --- connections -----------------------------------------------------------------
 
