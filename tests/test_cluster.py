@@ -21,6 +21,7 @@ from cluster_support import Cluster, ServerProcess
 from support import token
 
 from msgnet import Client, RequestFailed, open_client
+from msgnet._admin import cluster_status
 from msgnet._devkafka import DevKafka
 from msgnet._routing import partition_for, slot_for_partition
 
@@ -93,6 +94,12 @@ async def test_clients_on_different_servers_exchange_direct_and_group_messages(
         for member in (a, b):
             delivery = await member.receive()
             assert (delivery.group, delivery.sender) == ("trio", carol)
+
+    status = await cluster_status(cluster.bootstrap, cluster_topic=cluster.topics[1])
+    owners = {slot: claim["server"] for slot, claim in status["slots"].items()}
+    assert owners == {0: "s0", 1: "s1", 2: "s2"}
+    assert status["servers"]["standby"]["role"] == "standby"
+    assert status["slots"][1]["partitions"] == [1, 4]
 
 
 @attrs.define
