@@ -160,8 +160,8 @@ class DevPostgres:
             if log is not None and log.exists():
                 server_log = log.read_text(encoding="utf-8", errors="replace")[-4000:]
             raise DevPostgresError(
-                f"{what} failed with exit code {result.returncode}: {result.stderr.strip()}"
-                f"\n{server_log}"
+                f"{what} failed with exit code {result.returncode}: "
+                f"{result.stderr.strip()}\n{server_log}"
             )
 
     def __enter__(self) -> DevPostgres:

@@ -149,26 +149,28 @@ def migrate_postgres(dsn: str) -> tuple[int, int]:
     finds nothing left to do. Raises ``SchemaMismatch`` for a database that a
     newer msgnet migrated.
     """
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        with connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            connection.execute(
-                """
+    with (
+        psycopg.connect(dsn, autocommit=True) as connection,
+        connection.transaction(),
+    ):
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        connection.execute(
+            """
                 CREATE TABLE IF NOT EXISTS schema_migrations (
                     version integer PRIMARY KEY,
                     applied_at timestamptz NOT NULL DEFAULT now()
                 )
                 """
+        )
+        found = schema_version(connection)
+        if found > SCHEMA_VERSION:
+            raise SchemaMismatch(_newer_message(found))
+        for target in range(found + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[target - 1]:
+                connection.execute(statement)
+            connection.execute(
+                "INSERT INTO schema_migrations (version) VALUES (%s)", (target,)
             )
-            found = schema_version(connection)
-            if found > SCHEMA_VERSION:
-                raise SchemaMismatch(_newer_message(found))
-            for target in range(found + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target - 1]:
-                    connection.execute(statement)
-                connection.execute(
-                    "INSERT INTO schema_migrations (version) VALUES (%s)", (target,)
-                )
     if found < SCHEMA_VERSION:
         logger.info("migrated history schema from %d to %d", found, SCHEMA_VERSION)
     return found, SCHEMA_VERSION
@@ -232,8 +234,8 @@ def _write(
                 _escape(record.sender),
                 _escape(record.id),
             )
-            for column, value in zip(inbox, row_values, strict=True):
-                column.append(value)
+            for inbox_column, item in zip(inbox, row_values, strict=True):
+                inbox_column.append(item)
 
     with connection.transaction():
         connection.execute(
@@ -320,7 +322,7 @@ class PostgresHistoryStore:
         before: int | None,
         limit: int,
     ) -> tuple[list[HistoryEntry], int | None]:
-        """One page of a conversation, oldest first, and the cursor for the one before."""
+        """One page of a conversation, oldest first, and the cursor before it."""
         if (peer_b is None) == (group is None):
             raise ValueError(
                 f"page needs exactly one of peer_b and group, got peer_b={peer_b!r}"

@@ -40,7 +40,7 @@ class HistoryStore(Protocol):
         before: int | None,
         limit: int,
     ) -> tuple[list[HistoryEntry], int | None]:
-        """One page of a conversation, oldest first, and the cursor for the one before."""
+        """One page of a conversation, oldest first, and the cursor before it."""
         ...
 
     async def inbox_since(

@@ -1,13 +1,18 @@
-"""Session fixtures: a real Apache Kafka broker for the tests marked ``kafka``."""
+"""Session fixtures: a real Apache Kafka broker and a real PostgreSQL server."""
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 
+import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from msgnet._devkafka import DevKafka, KafkaToolsMissing
+from msgnet._devpostgres import DevPostgres, PostgresToolsMissing
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +51,52 @@ def kafka_bootstrap(kafka_broker: DevKafka | None) -> str:
     if kafka_broker is None:
         return os.environ["MSGNET_KAFKA_BOOTSTRAP"]
     return kafka_broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A PostgreSQL server for the tests: MSGNET_POSTGRES_DSN, or a throwaway one.
+
+    The throwaway cluster lives in a temporary folder on a free loopback port
+    for the whole session. Without PostgreSQL's programs the tests that need
+    it are skipped on a developer's machine, but fail under CI=true. A given
+    DSN must be allowed to create databases: each test gets its own.
+    """
+    given = os.environ.get("MSGNET_POSTGRES_DSN")
+    if given:
+        yield given
+        return
+
+    cluster = DevPostgres()
+    try:
+        cluster.start()
+    except PostgresToolsMissing as exc:
+        cluster.close()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true needs a real PostgreSQL for this test: {exc}")
+        pytest.skip(f"no PostgreSQL: {exc} (or set MSGNET_POSTGRES_DSN)")
+    except BaseException:
+        cluster.close()
+        raise
+
+    try:
+        yield cluster.dsn
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def postgres_database(postgres_dsn: str) -> Iterator[str]:
+    """The DSN of a new, empty database on the test server, dropped afterwards."""
+    name = f"msgnet_test_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(postgres_dsn, dbname=name)
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(name)
+                )
+            )
