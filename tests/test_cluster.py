@@ -171,7 +171,7 @@ async def wait_until_stored(
     assert set(history_counts(cluster).values()) == {1}
 
 
-async def run_fault(cluster: Cluster, fault, count: int = 300) -> Tally:  # type: ignore[no-untyped-def]
+async def run_fault(cluster: Cluster, fault, count: int = 200) -> Tally:  # type: ignore[no-untyped-def]
     """A steady stream into slot 1's users while ``fault`` strikes its owner."""
     senders = users_of_slot(0, 1, "sender") + users_of_slot(2, 1, "sender")
     recipients = users_of_slot(1, 2, "recipient")
