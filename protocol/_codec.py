@@ -143,10 +143,22 @@ def encode_message(message: Message) -> bytes:
     """Return the msgpack body of a message, without the frame's length prefix."""
     # A Packer per thread is reused; it is cheaper than msgpack.packb's fresh one.
     try:
-        packer = _local.packer
+        pack = _local.pack
     except AttributeError:
-        packer = _local.packer = msgpack.Packer()
-    body: bytes = packer.pack(message_to_map(message))
+        pack = _local.pack = msgpack.Packer().pack
+
+    # The common case inline: a message was validated when it was built, so
+    # its map is its instance dict behind the tag, less the None optionals.
+    # This is message_to_map without its two calls; the bytes are the same.
+    layout = _BY_CLASS.get(type(message))
+    if layout is None or layout.renamed or layout.cls is HistoryPage:
+        body: bytes = pack(message_to_map(message))
+        return body
+    out = {"t": layout.tag, **message.__dict__}
+    for wire in layout.omit_if_none:
+        if out[wire] is None:
+            del out[wire]
+    body = pack(out)
     return body
 
 

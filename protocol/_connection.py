@@ -106,6 +106,8 @@ _SERVER_SENDS: frozenset[type[Message]] = _ANY_TIME | {
     Pong,
 }
 _SENDS = {Role.CLIENT: _CLIENT_SENDS, Role.SERVER: _SERVER_SENDS}
+# What changes or ends the state when sent, so it is always checked in full.
+_STATEFUL: frozenset[type[Message]] = _ANY_TIME | {Hello, Welcome, Redirect}
 # What the server may send between receiving Hello and sending Welcome.
 _SERVER_HANDSHAKE = _ANY_TIME | {Welcome, Redirect}
 
@@ -150,6 +152,8 @@ class Connection:
         self.max_frame_size = max_frame_size
         self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
 
+        self._steady_sends = _SENDS[role] - _STATEFUL
+        """What this role may send while open without changing the state."""
         self._hello_done = False
         """Client: Hello sent. Server: Hello received."""
         self._welcomed = False
@@ -306,6 +310,15 @@ class Connection:
         Raises LocalProtocolError if the role or the state forbids it; nothing is
         changed then.
         """
+        # Nearly every frame is one that neither changes nor ends the state, on
+        # an open connection: it needs none of the checks below.
+        if (
+            type(message) in self._steady_sends
+            and self._welcomed
+            and self._error is None
+            and not (self._we_closed or self._peer_closed)
+        ):
+            return encode_frame(message, max_frame_size=self.max_frame_size)
         self._check_send(message)
         data = encode_frame(message, max_frame_size=self.max_frame_size)
         self._sent(message)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from ._codec import encode_message
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._messages import Message
@@ -12,6 +14,7 @@ DEFAULT_MAX_FRAME_SIZE = 1_048_576
 """Largest frame body, in bytes, accepted unless configured otherwise (1 MiB)."""
 
 _PREFIX = 4
+_pack_prefix = struct.Struct(">I").pack
 # The prefix is an unsigned 32-bit number, so no limit can go beyond this.
 _MAX_PREFIX_VALUE = 2**32 - 1
 
@@ -32,8 +35,11 @@ def encode_frame(
     Raises LocalProtocolError if the body is larger than max_frame_size, since the
     peer would refuse the frame and close the connection.
     """
-    body = encode_body(message, max_frame_size=max_frame_size)
-    return len(body).to_bytes(_PREFIX, "big") + body
+    # encode_body's check, inline: this runs once for every frame sent.
+    body = encode_message(message)
+    if len(body) > max_frame_size:
+        raise _too_large(message, body, max_frame_size)
+    return _pack_prefix(len(body)) + body
 
 
 def encode_body(message: Message, *, max_frame_size: int) -> bytes:
@@ -43,11 +49,15 @@ def encode_body(message: Message, *, max_frame_size: int) -> bytes:
     """
     body = encode_message(message)
     if len(body) > max_frame_size:
-        raise LocalProtocolError(
-            f"{type(message).__name__} encodes to {len(body)} bytes, over the "
-            f"frame size limit of {max_frame_size}"
-        )
+        raise _too_large(message, body, max_frame_size)
     return body
+
+
+def _too_large(message: Message, body: bytes, max_frame_size: int) -> Exception:
+    return LocalProtocolError(
+        f"{type(message).__name__} encodes to {len(body)} bytes, over the "
+        f"frame size limit of {max_frame_size}"
+    )
 
 
 class FrameDecoder:
