@@ -29,6 +29,7 @@ from ._config import (
     overrides_from_args,
 )
 from ._devkafka import main as dev_kafka_main
+from ._history_service import add_history_commands
 from ._server import RunningServer, serve
 
 __all__ = ["main"]
@@ -153,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_kafka_arguments(status_cmd)
     status_cmd.add_argument("--json", action="store_true", help="machine-readable")
     status_cmd.set_defaults(run=_cluster_status)
+    add_history_commands(commands)
 
     kafka_cmd = commands.add_parser(
         "dev-kafka",

@@ -121,6 +121,20 @@ class ServerConfig:
         validator=_positive,
     )
 
+    history_store: str = _setting(
+        "sqlite",
+        "history store: sqlite (data_dir, one machine) or postgres (history_dsn)",
+        validator=_choice("sqlite", "postgres"),
+    )
+    history_dsn: str = _setting(
+        "", "PostgreSQL connection string when history_store is postgres"
+    )
+    history_writer: bool = _setting(
+        True,
+        "run this server's own history writers; false when msgnet history-writer "
+        "processes fill the store",
+    )
+
     max_connections: int = _setting(
         10000, "connections beyond this get error server_full", validator=_positive
     )

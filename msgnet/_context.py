@@ -11,7 +11,7 @@ from ._backplane import Backplane
 from ._cluster_groups import ClusterGroups
 from ._config import ServerConfig
 from ._groups import GroupDirectory
-from ._history import SQLiteHistoryStore
+from ._history_store import HistoryStore
 from ._metrics import ServerMetrics
 from ._partition import PartitionOwner
 from ._routing import partition_for
@@ -38,7 +38,7 @@ class ServerContext:
     name: str
     secret: str
     backplane: Backplane
-    history: SQLiteHistoryStore | None
+    history: HistoryStore | None
     history_group: str
     groups: GroupDirectory | ClusterGroups
     """Group membership: SQLite on one server, the cluster log in a cluster."""

@@ -15,6 +15,7 @@ from psycopg import errors as pg_errors
 from protocol import HistoryEntry
 
 from ._backplane import LogRecord
+from ._history_store import HistoryUnavailable
 from ._records import InboxRecord
 
 __all__ = [
@@ -87,7 +88,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 """The newest ``schema_migrations`` version this msgnet knows how to read."""
 
 
-class SchemaMismatch(RuntimeError):
+class SchemaMismatch(ValueError):
     """The database's schema is not the one this msgnet reads."""
 
 
@@ -147,8 +148,16 @@ def migrate_postgres(dsn: str) -> tuple[int, int]:
     Blocking. Every missing step runs in one transaction, under an advisory
     lock so that two migrations started at once take turns, and the second
     finds nothing left to do. Raises ``SchemaMismatch`` for a database that a
-    newer msgnet migrated.
+    newer msgnet migrated, and ``HistoryUnavailable`` if PostgreSQL cannot be
+    reached.
     """
+    try:
+        return _migrate(dsn)
+    except psycopg.OperationalError as exc:
+        raise HistoryUnavailable(f"PostgreSQL is unavailable: {exc}") from exc
+
+
+def _migrate(dsn: str) -> tuple[int, int]:
     with (
         psycopg.connect(dsn, autocommit=True) as connection,
         connection.transaction(),
@@ -288,7 +297,8 @@ class PostgresHistoryStore:
     psycopg's asynchronous API runs on asyncio only, so the store uses its
     blocking pool from trio worker threads, at most one thread per pooled
     connection. Semantics match ``SQLiteHistoryStore`` (see ``HistoryStore``);
-    its docstrings hold for these methods too. Text that contains ``%`` or
+    its docstrings hold for these methods too. A lost or unreachable server
+    raises ``HistoryUnavailable``. Text that contains ``%`` or
     NUL is stored escaped (see docs/history.md).
     """
 
@@ -306,7 +316,12 @@ class PostgresHistoryStore:
 
         # Not abandoned on cancel: a transaction always ends in a commit or a
         # rollback before its caller moves on.
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        except psycopg.OperationalError as exc:
+            # Connection lost, server restarting, pool exhausted: the caller
+            # decides whether to retry; a bad query stays a plain error.
+            raise HistoryUnavailable(f"PostgreSQL is unavailable: {exc}") from exc
 
     async def write(self, entries: Sequence[tuple[LogRecord, InboxRecord]]) -> None:
         """Persist a batch in one transaction; idempotent, like the SQLite store."""
@@ -458,9 +473,14 @@ async def open_postgres_history_store(
     """Open the store at ``dsn`` for a block, after checking its schema version.
 
     Raises ``SchemaMismatch`` if the schema is older (run ``msgnet history
-    migrate``) or newer than this msgnet's, and ``psycopg.OperationalError`` if
+    migrate``) or newer than this msgnet's, and ``HistoryUnavailable`` if
     PostgreSQL cannot be reached within ``connect_timeout`` seconds.
     """
+    if not dsn:
+        raise ValueError(
+            "the PostgreSQL history store needs a connection string (history_dsn), "
+            "got ''"
+        )
     if pool_size < 1:
         raise ValueError(f"pool_size must be at least 1, got {pool_size!r}")
 
@@ -484,7 +504,10 @@ async def open_postgres_history_store(
             raise
         return pool
 
-    pool = await trio.to_thread.run_sync(open_pool)
+    try:
+        pool = await trio.to_thread.run_sync(open_pool)
+    except psycopg.OperationalError as exc:
+        raise HistoryUnavailable(f"PostgreSQL is unavailable: {exc}") from exc
     store = PostgresHistoryStore(pool, pool_size)
     try:
         yield store

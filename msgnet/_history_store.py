@@ -10,7 +10,11 @@ from protocol import HistoryEntry
 from ._backplane import LogRecord
 from ._records import InboxRecord
 
-__all__ = ["HistoryStore"]
+__all__ = ["HistoryStore", "HistoryUnavailable"]
+
+
+class HistoryUnavailable(ConnectionError):
+    """The store's server could not be reached; nothing was written or read."""
 
 
 class HistoryStore(Protocol):

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import trio
 
 from ._backplane import Backplane, LogRecord, until_available
-from ._history import SQLiteHistoryStore
+from ._history_store import HistoryStore
 from ._records import BadRecord, InboxRecord, decode_record
 
-__all__ = ["HISTORY_GROUP", "write_history"]
+__all__ = ["HISTORY_GROUP", "decode_entries", "warn_retention_gap", "write_history"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ BATCH_SIZE = 1000
 
 async def write_history(
     backplane: Backplane,
-    store: SQLiteHistoryStore,
+    store: HistoryStore,
     partition: int,
     *,
     group: str = HISTORY_GROUP,
@@ -52,7 +52,9 @@ async def write_history(
             ),
             what=what,
         )
-        entries = _decode(records)
+        if records[0].offset > offset:
+            warn_retention_gap(partition, offset, records[0].offset)
+        entries = decode_entries(records)
         if entries:
             await store.write(entries)
         end = records[-1].offset + 1
@@ -62,7 +64,10 @@ async def write_history(
         offset = end
 
 
-def _decode(records: Sequence[LogRecord]) -> list[tuple[LogRecord, InboxRecord]]:
+def decode_entries(
+    records: Sequence[LogRecord],
+) -> list[tuple[LogRecord, InboxRecord]]:
+    """Pair each record with its decoded ``InboxRecord``; a malformed one is skipped."""
     entries = []
     for record in records:
         try:
@@ -75,3 +80,18 @@ def _decode(records: Sequence[LogRecord]) -> list[tuple[LogRecord, InboxRecord]]
                 exc,
             )
     return entries
+
+
+def warn_retention_gap(partition: int, expected: int, found: int) -> None:
+    """Say that the log deleted records before history stored them.
+
+    Those records are gone from both: a client catching up across them gets
+    an error instead of a silent gap (see ``Session._catch_up``).
+    """
+    logger.warning(
+        "history lost partition=%d offsets %d..%d: the log's retention deleted "
+        "them before they were stored",
+        partition,
+        expected,
+        found - 1,
+    )

@@ -23,6 +23,8 @@ from ._context import OwnerAddress, ServerContext
 from ._embedded import open_embedded_backplane
 from ._groups import open_group_directory
 from ._history import open_history_store
+from ._history_pg import open_postgres_history_store
+from ._history_store import HistoryStore
 from ._history_writer import HISTORY_GROUP, write_history
 from ._kafka import open_kafka_backplane
 from ._metrics import ServerMetrics, serve_metrics
@@ -103,7 +105,13 @@ async def serve(
         history_path = (
             None if config.memory else os.path.join(config.data_dir, "history.sqlite3")
         )
-        history = await stack.enter_async_context(open_history_store(history_path))
+        history: HistoryStore
+        if config.history_store == "postgres":
+            history = await stack.enter_async_context(
+                open_postgres_history_store(config.history_dsn)
+            )
+        else:
+            history = await stack.enter_async_context(open_history_store(history_path))
         groups = await stack.enter_async_context(
             open_group_directory(history_path, max_members=config.max_group_members)
         )
@@ -221,7 +229,7 @@ async def _serve_partitions(
                     )
                     await nursery.start(_own_partition, owner)
                     owners.append(owner)
-                    if context.history is not None:
+                    if context.history is not None and context.config.history_writer:
                         await nursery.start(
                             write_history, context.backplane, context.history, partition
                         )
