@@ -196,6 +196,12 @@ def add_history_commands(
         help="the inbox topic (default: %(default)s)",
     )
     writer_cmd.add_argument(
+        "--group",
+        default=HISTORY_GROUP,
+        help="consumer group (default: %(default)s, the one servers read; "
+        "change it only for tests and benchmarks)",
+    )
+    writer_cmd.add_argument(
         "--batch-size",
         type=int,
         default=BATCH_SIZE,
@@ -247,6 +253,7 @@ def _history_writer(args: argparse.Namespace) -> int:
             bootstrap=args.kafka_bootstrap,
             dsn=_require_dsn(args),
             topic=args.kafka_topic,
+            group=args.group,
             batch_size=args.batch_size,
             session_timeout_s=args.session_timeout,
         )
@@ -259,26 +266,30 @@ async def _write_until_signalled(
     bootstrap: str,
     dsn: str,
     topic: str,
+    group: str,
     batch_size: int,
     session_timeout_s: float,
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(
-                    serve_history_writer,
-                    bootstrap=bootstrap,
-                    dsn=dsn,
-                    topic=topic,
-                    batch_size=batch_size,
-                    session_timeout_s=session_timeout_s,
+    # Opened outside the nursery, so that a refused schema or an unreachable
+    # server reaches main as itself, not inside an exception group.
+    async with (
+        open_postgres_history_store(dsn) as store,
+        open_group_consumer(
+            bootstrap, topic=topic, group=group, session_timeout_s=session_timeout_s
+        ) as consumer,
+    ):
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    functools.partial(
+                        run_history_writer, consumer, store, batch_size=batch_size
+                    )
                 )
-            )
-            logger.info("history writer running on topic %s", topic)
-            async for signum in signals:
-                # A batch in flight finishes its transaction first (the store
-                # never abandons one); only its commit is skipped, and the
-                # partition's next holder writes it again.
-                logger.info("received %s; leaving the history group", signum)
-                nursery.cancel_scope.cancel()
-                break
+                logger.info("history writer running on topic %s", topic)
+                async for signum in signals:
+                    # A batch in flight finishes its transaction first (the
+                    # store never abandons one); only its commit is skipped,
+                    # and the partition's next holder writes it again.
+                    logger.info("received signal %d; leaving the history group", signum)
+                    nursery.cancel_scope.cancel()
+                    break
