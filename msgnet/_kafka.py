@@ -43,6 +43,9 @@ DEFAULT_TOPIC = "msgnet.inbox"
 _POLL_INTERVAL_MS = 100
 """How long one consumer poll blocks; a waiting read notices cancellation this fast."""
 
+_READERS_PER_PARTITION = 4
+"""Consumers one partition may have for reads at once: the owner's, and catch-ups."""
+
 _UNKNOWN_TOPIC_OR_PARTITION = 3
 """Kafka's error code for a topic that does not exist."""
 
@@ -152,6 +155,8 @@ class _PartitionReader:
     consumer: Any = None
     position: int | None = None
     """Where the consumer will fetch next, if a read left it at a known place."""
+    busy: bool = False
+    """A read on the trio thread has chosen this reader and not yet returned."""
 
 
 @attrs.define(eq=False)
@@ -207,7 +212,7 @@ class KafkaBackplane:
         )
 
         self._readers = [
-            _PartitionReader(partition=TopicPartition(topic, p))
+            [_PartitionReader(partition=TopicPartition(topic, p))]
             for p in range(partitions)
         ]
         self._read_cancels: set[threading.Event] = set()
@@ -263,10 +268,12 @@ class KafkaBackplane:
 
         cancel = threading.Event()
         self._read_cancels.add(cancel)
+        reader = self._idle_reader(partition)
+        reader.busy = True
         try:
             records = await trio.to_thread.run_sync(
                 self._read_blocking,
-                self._readers[partition],
+                reader,
                 offset,
                 max_records,
                 cancel,
@@ -277,6 +284,7 @@ class KafkaBackplane:
             # Tells an abandoned thread to stop polling and free the consumer.
             cancel.set()
             self._read_cancels.discard(cancel)
+            reader.busy = False
 
         if records is None:
             raise BackplaneUnavailable(self._closed_message())
@@ -286,7 +294,7 @@ class KafkaBackplane:
         """The partition's high watermark: the offset of the next record."""
         self._check_partition(partition)
         self._check_open()
-        tp = self._readers[partition].partition
+        tp = self._readers[partition][0].partition
 
         def fetch(consumer: Any) -> int:
             end: int = consumer.end_offsets([tp], timeout_ms=self._request_timeout_ms)[
@@ -302,7 +310,7 @@ class KafkaBackplane:
         self._check_partition(partition)
         check_offset(offset)
         self._check_open()
-        tp = self._readers[partition].partition
+        tp = self._readers[partition][0].partition
 
         def commit(consumer: Any) -> None:
             consumer.commit(
@@ -317,7 +325,7 @@ class KafkaBackplane:
         check_group(group)
         self._check_partition(partition)
         self._check_open()
-        tp = self._readers[partition].partition
+        tp = self._readers[partition][0].partition
 
         def fetch(consumer: Any) -> int | None:
             offset: int | None = consumer.committed(
@@ -491,6 +499,22 @@ class KafkaBackplane:
             ]
         return None
 
+    def _idle_reader(self, partition: int) -> _PartitionReader:
+        """A reader of ``partition`` that no other read is using, made if needed.
+
+        The partition owner's read waits at the end of the log for the next
+        record; a catch-up read of older records on the same consumer would
+        wait behind it until someone sent a message. Past
+        ``_READERS_PER_PARTITION`` readers, a read queues behind the newest.
+        """
+        readers = self._readers[partition]
+        for reader in readers:
+            if not reader.busy:
+                return reader
+        if len(readers) < _READERS_PER_PARTITION:
+            readers.append(_PartitionReader(partition=readers[0].partition))
+        return readers[-1]
+
     def _group_client(self, group: str) -> _GroupClient:
         client = self._groups.get(group)
         if client is None:
@@ -524,7 +548,7 @@ class KafkaBackplane:
         clients: list[_GroupClient | _PartitionReader] = [
             self._offsets_client,
             *self._groups.values(),
-            *self._readers,
+            *(reader for readers in self._readers for reader in readers),
         ]
         for client in clients:
             with client.lock:

@@ -700,7 +700,9 @@ class Session:
         Records below the history writer's committed offset are in the store
         (the writer commits only after its rows are durable); the rest are read
         from the log. Together they cover the range with no gap, however far
-        the history writer lags.
+        the history writer lags. Records that the log deleted before history
+        stored them end the session with a fatal ``unavailable`` error that
+        names the lost offsets, rather than a silent gap (docs/history.md).
         """
         context = self._context
         assert self._owner is not None
@@ -729,6 +731,17 @@ class Session:
             records = await context.backplane.read(
                 partition, offset, max_records=CATCH_UP_BATCH
             )
+            if records[0].offset > offset:
+                # The log's retention deleted these before the history writer
+                # stored them (the store holds only what is below its group's
+                # offset): they are gone, and skipping them would be silent.
+                raise SessionEnded(
+                    ErrorCode.UNAVAILABLE,
+                    f"partition {partition} offsets {offset}..{records[0].offset - 1}"
+                    " were deleted by the log's retention before history stored "
+                    "them; messages there are lost. Reconnect with resume="
+                    f"{records[0].offset} to continue after them",
+                )
             batch: list[protocol.Message] = []
             for log_record in records:
                 if log_record.offset >= end:
