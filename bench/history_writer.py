@@ -22,7 +22,8 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +138,22 @@ async def _one_writer(
         await run_history_writer(consumer, store, batch_size=batch_size)
 
 
-def _fresh_database(dsn: str) -> str:
-    name = f"msgnet_bench_{secrets.token_hex(4)}"
+@contextmanager
+def _fresh_database(dsn: str) -> Iterator[str]:
+    """A new, migrated database on the server at ``dsn``, dropped afterwards."""
+    raw_name = f"msgnet_bench_{secrets.token_hex(4)}"
+    name = sql.Identifier(raw_name)
     with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    database = make_conninfo(dsn, dbname=name)
-    migrate_postgres(database)
-    return database
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(name))
+    try:
+        database = make_conninfo(dsn, dbname=raw_name)
+        migrate_postgres(database)
+        yield database
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name)
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -168,21 +178,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "recipients": args.recipients,
         }
         figures: dict[str, Any] = {"machine": machine(), **options}
-        rate = trio.run(
-            functools.partial(measure_store, _fresh_database(server.dsn), **options)
-        )
+        with _fresh_database(server.dsn) as database:
+            rate = trio.run(functools.partial(measure_store, database, **options))
         figures["store_rows_per_s"] = rate
         print(f"store:  {rate:,.0f} inbox rows/s ({args.writers} writers)")
         if args.kafka_bootstrap:
-            rate = trio.run(
-                functools.partial(
-                    measure_kafka,
-                    _fresh_database(server.dsn),
-                    args.kafka_bootstrap,
-                    partitions=args.partitions,
-                    **options,
+            with _fresh_database(server.dsn) as database:
+                rate = trio.run(
+                    functools.partial(
+                        measure_kafka,
+                        database,
+                        args.kafka_bootstrap,
+                        partitions=args.partitions,
+                        **options,
+                    )
                 )
-            )
             figures["kafka_rows_per_s"] = rate
             print(f"kafka:  {rate:,.0f} inbox rows/s ({args.writers} group members)")
 

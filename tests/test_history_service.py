@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 import trio
 
+from bench import history_writer as history_writer_bench
 from msgnet._backplane import Backplane
 from msgnet._history_pg import migrate_postgres
 from msgnet._kafka import create_inbox_topic, open_kafka_backplane
@@ -254,3 +256,15 @@ def test_a_history_writer_on_an_unmigrated_database_says_how_to_migrate(
     assert result.returncode == 1
     assert "run `msgnet history migrate --dsn DSN` first" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_history_writer_bench_writes_its_figures(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "history.json"
+    figures = history_writer_bench.main(
+        [f"--dsn={postgres_dsn}", "--records=300", "--batch-size=100", f"--out={out}"]
+    )
+
+    assert figures["store_rows_per_s"] > 0
+    assert json.loads(out.read_text(encoding="utf-8")) == figures
