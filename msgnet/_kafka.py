@@ -46,6 +46,10 @@ _POLL_INTERVAL_MS = 100
 _READERS_PER_PARTITION = 4
 """Consumers one partition may have for reads at once: the owner's, and catch-ups."""
 
+RECONNECT_BACKOFF_MAX_MS = 1000
+"""Cap on kafka-python's reconnect backoff (its default grows to 30 s), so a
+server notices a restarted broker within a second instead of half a minute."""
+
 _UNKNOWN_TOPIC_OR_PARTITION = 3
 """Kafka's error code for a topic that does not exist."""
 
@@ -434,6 +438,7 @@ class KafkaBackplane:
             # reader is never moved backwards behind its caller's back.
             auto_offset_reset="none",
             request_timeout_ms=self._request_timeout_ms,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         )
 
     def _read_blocking(
@@ -604,6 +609,7 @@ def _connect(
             request_timeout_ms=request_timeout_ms,
             max_block_ms=delivery_timeout_ms,
             allow_auto_create_topics=False,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         )
     except KafkaError as exc:
         raise BackplaneUnavailable(f"cannot reach Kafka at {bootstrap}: {exc}") from exc

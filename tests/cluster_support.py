@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import trio
-from support import SECRET
+from support import SECRET, die_with_parent
 
 from msgnet._admin import init_cluster
 
@@ -65,6 +65,8 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Safe with threads here: the hook makes one system call.
+            preexec_fn=die_with_parent,  # noqa: PLW1509
         )
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -155,3 +157,19 @@ async def assert_server_still_serves(server: RunningServer) -> None:
         await sender.send("after-b", "still here")
         with trio.fail_after(WAIT):
             assert (await peer.receive()).body == "still here"
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for server subprocesses: SIGKILL them when pytest dies.
+
+    A test run killed by its timeout never reaches its fixtures' cleanup;
+    without this its servers would live on and load the machine. (Linux's
+    PR_SET_PDEATHSIG; the spawning thread must outlive the child, which holds
+    for processes started from the test's trio thread.)
+    """
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+# Looked up in the parent: the child, between fork and exec, only calls it.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
