@@ -15,6 +15,25 @@ from msgnet._devkafka import DevKafka, KafkaToolsMissing
 from msgnet._devpostgres import DevPostgres, PostgresToolsMissing
 
 
+def run_slow_tests() -> bool:
+    """Fault tests with whole server processes run in CI, or when asked for."""
+    return os.environ.get("CI") == "true" or os.environ.get("MSGNET_SLOW") == "1"
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    # The default local run stays within a few minutes; CI runs everything.
+    if run_slow_tests():
+        return
+    skip = pytest.mark.skip(
+        reason="slow fault test: runs under CI=true, or locally with MSGNET_SLOW=1"
+    )
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[DevKafka | None]:
     """The session's development broker, or None when MSGNET_KAFKA_BOOTSTRAP is set.
