@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -45,6 +47,9 @@ _POLL_INTERVAL_MS = 100
 
 _READERS_PER_PARTITION = 4
 """Consumers one partition may have for reads at once: the owner's, and catch-ups."""
+
+PRODUCER_REPLACE_INTERVAL_S = 5.0
+"""Least time between two producer replacements, so an outage does not churn."""
 
 RECONNECT_BACKOFF_MAX_MS = 1000
 """Cap on kafka-python's reconnect backoff (its default grows to 30 s), so a
@@ -197,12 +202,16 @@ class KafkaBackplane:
         topic: str,
         partitions: int,
         producer: Any,
+        new_producer: Callable[[], Any],
         request_timeout_ms: int,
     ) -> None:
         self._bootstrap = bootstrap
         self._topic = topic
         self._partitions = partitions
         self._producer = producer
+        self._new_producer = new_producer
+        self._producer_failed = threading.Event()
+        self._producer_replaced_at = -math.inf
         self._request_timeout_ms = request_timeout_ms
         self._token = trio.lowlevel.current_trio_token()
 
@@ -369,6 +378,8 @@ class KafkaBackplane:
 
     def _send_loop(self) -> None:
         while (pending := self._outbox.get()) is not None:
+            if self._producer_failed.is_set():
+                self._replace_producer()
             try:
                 future = self._producer.send(
                     self._topic,
@@ -380,6 +391,7 @@ class KafkaBackplane:
                 # send() raises for a full buffer or unknown metadata past
                 # max_block_ms, or a producer closed under it.
                 self._settle_soon(pending, None, f"Kafka refused the record: {exc!r}")
+                self._producer_failed.set()
                 continue
             future.add_callback(self._on_delivered, pending)
             future.add_errback(self._on_failed, pending)
@@ -387,7 +399,39 @@ class KafkaBackplane:
     def _on_delivered(self, pending: _PendingAppend, metadata: Any) -> None:
         self._settle_soon(pending, metadata.offset, None)
 
+    def _replace_producer(self) -> None:
+        """Start over with a new producer after one failed to deliver.
+
+        A kafka-python producer that lost its broker with batches in flight
+        can stay stuck after the broker is back (seen with broker restarts
+        under load: every later record expired). A new producer gets a new
+        producer id and fresh connections; records the old one may still have
+        written are duplicates that readers drop by message id.
+        """
+        now = time.monotonic()
+        if now - self._producer_replaced_at < PRODUCER_REPLACE_INTERVAL_S:
+            return
+        self._producer_replaced_at = now
+        self._producer_failed.clear()
+        try:
+            new = self._new_producer()
+        except Exception:
+            # Kafka is still away; the next failure tries again.
+            logger.warning("cannot replace the Kafka producer yet", exc_info=True)
+            return
+        old, self._producer = self._producer, new
+        logger.warning(
+            "replaced the Kafka producer for %s after a failure", self._topic
+        )
+        threading.Thread(
+            target=old.close,
+            kwargs={"timeout": 0},
+            name="msgnet-kafka-close",
+            daemon=True,
+        ).start()
+
     def _on_failed(self, pending: _PendingAppend, exc: BaseException) -> None:
+        self._producer_failed.set()
         self._settle_soon(
             pending, None, f"Kafka did not confirm the append to {self._topic}: {exc!r}"
         )
@@ -574,6 +618,25 @@ class KafkaBackplane:
         check_partition(partition, self._partitions, f"topic {self._topic}")
 
 
+def _new_producer(
+    bootstrap: str, *, linger_ms: int, delivery_timeout_ms: int, request_timeout_ms: int
+) -> Any:
+    """An idempotent producer with ``acks=all``: an acknowledged record is on
+    every in-sync replica, and retries never write it twice."""
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=linger_ms,
+        batch_size=64 * 1024,
+        delivery_timeout_ms=delivery_timeout_ms,
+        request_timeout_ms=request_timeout_ms,
+        max_block_ms=delivery_timeout_ms,
+        allow_auto_create_topics=False,
+        reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+    )
+
+
 def _connect(
     bootstrap: str,
     *,
@@ -599,17 +662,11 @@ def _connect(
         assert expected is not None
         _check_partition_count(topic, found, expected)
 
-        producer = KafkaProducer(
-            bootstrap_servers=bootstrap,
-            enable_idempotence=True,
-            acks="all",
+        producer = _new_producer(
+            bootstrap,
             linger_ms=linger_ms,
-            batch_size=64 * 1024,
             delivery_timeout_ms=delivery_timeout_ms,
             request_timeout_ms=request_timeout_ms,
-            max_block_ms=delivery_timeout_ms,
-            allow_auto_create_topics=False,
-            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         )
     except KafkaError as exc:
         raise BackplaneUnavailable(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
@@ -661,6 +718,13 @@ async def open_kafka_backplane(
         topic=topic,
         partitions=count,
         producer=producer,
+        new_producer=functools.partial(
+            _new_producer,
+            bootstrap,
+            linger_ms=linger_ms,
+            delivery_timeout_ms=delivery_timeout_ms,
+            request_timeout_ms=request_timeout_ms,
+        ),
         request_timeout_ms=request_timeout_ms,
     )
     backplane._sender.start()
