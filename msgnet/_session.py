@@ -18,9 +18,10 @@ from protocol import ErrorCode
 
 from ._auth import AuthError, verify_token
 from ._backplane import BackplaneUnavailable
+from ._catchup import RetentionGap, catch_up, delivery_of
 from ._context import ServerContext
 from ._groups import GroupExists, GroupFull, GroupNotFound
-from ._partition import PartitionOwner, deliver_message
+from ._partition import PartitionOwner
 from ._ratelimit import TokenBucket
 from ._records import InboxRecord
 from ._transport import MessageTransport
@@ -31,9 +32,6 @@ logger = logging.getLogger(__name__)
 
 WRITE_BATCH = 256
 """Frames coalesced into one socket write when a session falls a little behind."""
-
-CATCH_UP_BATCH = 500
-"""Log records read per step while catching a reconnecting client up."""
 
 CLOSE_TIMEOUT = 2.0
 """Seconds spent telling a peer why it is dropped before giving up on it."""
@@ -543,7 +541,7 @@ class Session:
         limit = self._config.max_frame_size
         if 4 * len(record.body) + FRAME_OVERHEAD <= limit:
             return True
-        largest = self._delivery(2**62, 2**62, attrs.evolve(record, ts=2**62))
+        largest = delivery_of(2**62, 2**62, attrs.evolve(record, ts=2**62))
         return len(protocol.encode_message(largest)) + 64 <= limit
 
     async def _rate_limited(self, message_id: str) -> None:
@@ -695,63 +693,22 @@ class Session:
                 return
 
     async def _catch_up(self, start: int, end: int) -> None:
-        """Send this user's records in [start, end) of its partition, in order.
-
-        Records below the history writer's committed offset are in the store
-        (the writer commits only after its rows are durable); the rest are read
-        from the log. Together they cover the range with no gap, however far
-        the history writer lags. Records that the log deleted before history
-        stored them end the session with a fatal ``unavailable`` error that
-        names the lost offsets, rather than a silent gap (docs/history.md).
-        """
+        """Send what this device missed before live delivery (``catch_up``)."""
         context = self._context
         assert self._owner is not None
-        partition = self._owner.partition
-
-        stored_until = start
-        if context.history is not None:
-            committed = await context.backplane.committed(
-                context.history_group, partition
+        try:
+            await catch_up(
+                backplane=context.backplane,
+                history=context.history,
+                history_group=context.history_group,
+                user=self.user,
+                partition=self._owner.partition,
+                start=start,
+                end=end,
+                send=self._send_frames,
             )
-            stored_until = min(max(committed or 0, start), end)
-            if start < stored_until:
-                rows = await context.history.inbox_since(
-                    self.user, partition, start, stored_until
-                )
-                for first in range(0, len(rows), WRITE_BATCH):
-                    await self._send_frames(
-                        [
-                            self._delivery(partition, offset, record)
-                            for offset, record in rows[first : first + WRITE_BATCH]
-                        ]
-                    )
-
-        offset = stored_until
-        while offset < end:
-            records = await context.backplane.read(
-                partition, offset, max_records=CATCH_UP_BATCH
-            )
-            if records[0].offset > offset:
-                # The log's retention deleted these before the history writer
-                # stored them (the store holds only what is below its group's
-                # offset): they are gone, and skipping them would be silent.
-                raise SessionEnded(
-                    ErrorCode.UNAVAILABLE,
-                    f"partition {partition} offsets {offset}..{records[0].offset - 1}"
-                    " were deleted by the log's retention before history stored "
-                    "them; messages there are lost. Reconnect with resume="
-                    f"{records[0].offset} to continue after them",
-                )
-            batch: list[protocol.Message] = []
-            for log_record in records:
-                if log_record.offset >= end:
-                    break
-                parsed = deliver_message(partition, log_record.offset, log_record.value)
-                if parsed is not None and self.user in parsed[1]:
-                    batch.append(parsed[0])
-            if batch:
-                await self._send_frames(batch)
-            offset = records[-1].offset + 1
+        except RetentionGap as gap:
+            raise SessionEnded(ErrorCode.UNAVAILABLE, str(gap)) from None
 
     async def _send_frames(self, frames: Sequence[protocol.Message]) -> None:
         """The writer's send: remembers a write that was cancelled part way."""
@@ -763,16 +720,3 @@ class Session:
         self._torn = True
         await self._transport.send(frames)
         self._torn = False
-
-    @staticmethod
-    def _delivery(partition: int, offset: int, record: InboxRecord) -> protocol.Deliver:
-        return protocol.Deliver(
-            id=record.id,
-            sender=record.sender,
-            to=record.to,
-            group=record.group,
-            body=record.body,
-            ts=record.ts,
-            partition=partition,
-            offset=offset,
-        )
