@@ -58,7 +58,7 @@ async def run_history_writer(
 
     Each step is one poll, one store transaction, then one offset commit: the
     group's offset never runs ahead of what the store holds, which is what a
-    server's catch-up relies on (``Session._catch_up``). A writer killed
+    server's catch-up relies on (``_catchup.catch_up``). A writer killed
     between the transaction and the commit leaves records that the partition's
     next holder writes again, and the store's keys make that harmless.
     """

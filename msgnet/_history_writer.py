@@ -36,7 +36,7 @@ async def write_history(
     group's offset never runs ahead of the store: every record below it is
     stored. A crash between the two writes the batch again, which the store's
     keys make harmless. Catch-up relies on exactly this (see
-    ``Session._catch_up``).
+    ``_catchup.catch_up``).
     """
     what = f"writing history of partition {partition}"
     committed = await until_available(
@@ -86,7 +86,7 @@ def warn_retention_gap(partition: int, expected: int, found: int) -> None:
     """Say that the log deleted records before history stored them.
 
     Those records are gone from both: a client catching up across them gets
-    an error instead of a silent gap (see ``Session._catch_up``).
+    an error instead of a silent gap (see ``_catchup.catch_up``).
     """
     logger.warning(
         "history lost partition=%d offsets %d..%d: the log's retention deleted "
