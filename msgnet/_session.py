@@ -6,24 +6,22 @@ import functools
 import itertools
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import attrs
 import trio
 
 import protocol
 from protocol import ErrorCode
 
+from ._appends import AppendFailed, append_copies, inbox_copies
 from ._auth import AuthError, verify_token
 from ._backplane import BackplaneUnavailable
-from ._catchup import RetentionGap, catch_up, delivery_of
+from ._catchup import RetentionGap, catch_up
 from ._context import ServerContext
-from ._groups import GroupExists, GroupFull, GroupNotFound
 from ._partition import PartitionOwner
 from ._ratelimit import TokenBucket
-from ._records import InboxRecord
+from ._requests import Refused, Request, answer
 from ._transport import MessageTransport
 
 __all__ = ["Session", "SessionEnded"]
@@ -35,11 +33,6 @@ WRITE_BATCH = 256
 
 CLOSE_TIMEOUT = 2.0
 """Seconds spent telling a peer why it is dropped before giving up on it."""
-
-FRAME_OVERHEAD = 512
-"""Bytes a Deliver or HistoryEntry needs besides its body, at most: the ids,
-the integers and the field names. A UTF-8 body takes at most 4 bytes a
-character, so most sizes are known without encoding anything."""
 
 _session_numbers = itertools.count(1)
 
@@ -94,13 +87,13 @@ class Session:
         )
         self._handlers: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
             protocol.Send: self._on_send,
-            protocol.GroupSend: self._on_group_send,
+            protocol.GroupSend: self._on_send,
             protocol.DeliveryAck: self._on_delivery_ack,
-            protocol.HistoryRequest: self._on_history,
-            protocol.GroupCreate: self._on_group_create,
-            protocol.GroupJoin: self._on_group_join,
-            protocol.GroupLeave: self._on_group_leave,
-            protocol.GroupMembers: self._on_group_members,
+            protocol.HistoryRequest: self._on_request,
+            protocol.GroupCreate: self._on_request,
+            protocol.GroupJoin: self._on_request,
+            protocol.GroupLeave: self._on_request,
+            protocol.GroupMembers: self._on_request,
             protocol.Ping: self._on_ping,
             protocol.Pong: self._on_pong,
         }
@@ -384,274 +377,64 @@ class Session:
             protocol.Error(code=code, text=text, fatal=False, rid=rid, id=message_id)
         )
 
-    def _within_rate(self) -> bool:
-        return self._bucket.try_take()
+    # --- requests --------------------------------------------------------------
 
-    # --- sending ---------------------------------------------------------------
-
-    async def _on_send(self, send: protocol.Send) -> None:
-        if not self._within_rate():
-            await self._rate_limited(send.id)
-            return
-        context = self._context
-        received = trio.current_time()
-        record = InboxRecord(
-            id=send.id,
-            sender=self.user,
-            to=send.to,
-            group=None,
-            body=send.body,
-            ts=int(time.time() * 1000),
-            recipients=(),
-            origin=self.session_id,
-        )
-
-        # The recipient's partition, plus the sender's own for its other
-        # devices; one record when both live in the same partition.
-        by_partition: dict[int, list[str]] = {}
-        by_partition.setdefault(context.partition_for(send.to), []).append(send.to)
-        if send.to != self.user:
-            by_partition.setdefault(context.partition_for(self.user), []).append(
-                self.user
+    async def _on_send(self, send: protocol.Send | protocol.GroupSend) -> None:
+        """Append the message's copies; acknowledge only once all are durable."""
+        if not self._bucket.try_take():
+            await self._refuse(
+                ErrorCode.RATE_LIMITED,
+                f"more than {self._config.rate_limit:g} requests per second; "
+                "the message was not accepted, retry later with the same id",
+                message_id=send.id,
             )
-        await self._append_and_ack(send.id, record, by_partition, received)
-
-    async def _on_group_send(self, send: protocol.GroupSend) -> None:
-        if not self._within_rate():
-            await self._rate_limited(send.id)
             return
         context = self._context
         received = trio.current_time()
         try:
-            members = context.groups.members(send.group)
-        except GroupNotFound:
-            await self._refuse(
-                ErrorCode.NOT_FOUND, f"no group {send.group!r}", message_id=send.id
+            record, by_partition = inbox_copies(
+                context, self.user, self.session_id, send
             )
+            positions = await append_copies(
+                context.backplane,
+                record,
+                by_partition,
+                timeout=self._config.append_timeout,
+            )
+        except Refused as refused:
+            await self._refuse(refused.code, refused.text, message_id=send.id)
             return
-        if self.user not in members:
-            await self._refuse(
-                ErrorCode.FORBIDDEN,
-                f"{self.user!r} is not a member of {send.group!r}",
-                message_id=send.id,
-            )
-            return
-
-        by_partition: dict[int, list[str]] = {}
-        for member in members:
-            by_partition.setdefault(context.partition_for(member), []).append(member)
-        record = InboxRecord(
-            id=send.id,
-            sender=self.user,
-            to=None,
-            group=send.group,
-            body=send.body,
-            ts=int(time.time() * 1000),
-            recipients=(),
-            origin=self.session_id,
-        )
-        await self._append_and_ack(send.id, record, by_partition, received)
-
-    async def _append_and_ack(
-        self,
-        message_id: str,
-        record: InboxRecord,
-        by_partition: dict[int, list[str]],
-        received: float,
-    ) -> None:
-        """Append one copy per partition; acknowledge only if every copy is durable.
-
-        A partial failure is reported as a failure: the client retries with the
-        same id, and the copies that did land are dropped as duplicates.
-        """
-        if not self._deliverable(record):
-            await self._refuse(
-                ErrorCode.BAD_MESSAGE,
-                f"message {message_id!r} would not fit a delivery frame of "
-                f"{self._config.max_frame_size} bytes; send a shorter body",
-                message_id=message_id,
-            )
-            return
-        backplane = self._context.backplane
-        positions: list[tuple[int, int]] = []
-        failed: list[str] = []
-        settled: set[int] = set()
-
-        async def append(partition: int, users: list[str]) -> None:
-            copy = attrs.evolve(record, recipients=tuple(users))
-            key = users[0].encode()
-            try:
-                offset = await backplane.append(partition, key, copy.encode())
-            except BackplaneUnavailable as exc:
-                failed.append(f"partition {partition}: {exc}")
-            else:
-                positions.append((partition, offset))
-            # Not reached when the deadline cancels the append.
-            settled.add(partition)
-
-        # One deadline for all copies, and the first copy appended by this task
-        # rather than a child: scopes and task starts are a large part of a
-        # message's cost, and the copies are appended at the same time anyway.
-        copies = list(by_partition.items())
-        with trio.CancelScope(
-            deadline=trio.current_time() + self._config.append_timeout
-        ) as timeout:
-            if len(copies) == 1:
-                await append(*copies[0])
-            else:
-                async with trio.open_nursery() as nursery:
-                    for partition, users in copies[1:]:
-                        nursery.start_soon(append, partition, users)
-                    await append(*copies[0])
-        if timeout.cancelled_caught:
-            failed.extend(
-                f"partition {partition}: timed out"
-                for partition, _ in copies
-                if partition not in settled
-            )
-
-        if failed:
+        except AppendFailed as failed:
             logger.warning(
-                "append failed session=%s id=%s: %s",
-                self.session_id,
-                message_id,
-                "; ".join(failed),
+                "append failed session=%s id=%s: %s", self.session_id, send.id, failed
             )
             await self._refuse(
                 ErrorCode.UNAVAILABLE,
                 "the message log is unavailable; the message was not accepted, "
                 "retry with the same id",
-                message_id=message_id,
+                message_id=send.id,
             )
             return
-        metrics = self._context.metrics
-        metrics.messages_in.inc()
-        metrics.ack_latency.observe(trio.current_time() - received)
-        positions.sort()
+
+        context.metrics.messages_in.inc()
+        context.metrics.ack_latency.observe(trio.current_time() - received)
         await self._reply(
-            protocol.SendAck(id=message_id, ts=record.ts, positions=positions)
+            protocol.SendAck(id=send.id, ts=record.ts, positions=positions)
         )
 
-    def _deliverable(self, record: InboxRecord) -> bool:
-        """Whether the record's Deliver fits a frame, with room for a page's fields.
-
-        An accepted message that no recipient can be sent would stop every
-        catch-up at it, so it is refused up front.
-        """
-        limit = self._config.max_frame_size
-        if 4 * len(record.body) + FRAME_OVERHEAD <= limit:
-            return True
-        largest = delivery_of(2**62, 2**62, attrs.evolve(record, ts=2**62))
-        return len(protocol.encode_message(largest)) + 64 <= limit
-
-    async def _rate_limited(self, message_id: str) -> None:
-        await self._refuse(
-            ErrorCode.RATE_LIMITED,
-            f"more than {self._config.rate_limit:g} requests per second; "
-            "the message was not accepted, retry later with the same id",
-            message_id=message_id,
-        )
-
-    # --- other requests --------------------------------------------------------
+    async def _on_request(self, request: Request) -> None:
+        """History and group requests: answered in order, refused without harm."""
+        try:
+            reply = await answer(self._context, self.user, request)
+        except Refused as refused:
+            await self._refuse(refused.code, refused.text, rid=request.rid)
+            return
+        await self._reply(reply)
 
     async def _on_delivery_ack(self, ack: protocol.DeliveryAck) -> None:
         history = self._context.history
         if history is not None:
             await history.save_cursor(self.user, self.device, ack.cursor)
-
-    async def _on_history(self, request: protocol.HistoryRequest) -> None:
-        history = self._context.history
-        if history is None:
-            await self._refuse(
-                ErrorCode.UNAVAILABLE, "this server keeps no history", rid=request.rid
-            )
-            return
-        if request.group is not None and not self._context.groups.is_member(
-            request.group, self.user
-        ):
-            await self._refuse(
-                ErrorCode.FORBIDDEN,
-                f"{self.user!r} is not a member of {request.group!r}",
-                rid=request.rid,
-            )
-            return
-        entries, older = await history.page(
-            peer_a=self.user,
-            peer_b=request.peer,
-            group=request.group,
-            before=request.before,
-            limit=request.limit,
-        )
-        page = protocol.HistoryPage(rid=request.rid, messages=entries, next=older)
-
-        # Large bodies can add up past the frame limit: send the newest entries
-        # that fit, and point ``next`` at the older ones left out.
-        limit = self._config.max_frame_size
-        if sum(4 * len(entry.body) + FRAME_OVERHEAD for entry in entries) > limit:
-            while len(entries) > 1 and len(protocol.encode_message(page)) > limit:
-                entries = entries[len(entries) // 2 :]
-                page = protocol.HistoryPage(
-                    rid=request.rid, messages=entries, next=entries[0].seq
-                )
-        await self._reply(page)
-
-    async def _on_group_create(self, request: protocol.GroupCreate) -> None:
-        groups = self._context.groups
-        try:
-            members = await groups.create(request.group, self.user, request.members)
-        except GroupExists:
-            await self._refuse(
-                ErrorCode.CONFLICT, f"group {request.group!r} exists", rid=request.rid
-            )
-            return
-        except GroupFull as exc:
-            await self._refuse(ErrorCode.BAD_MESSAGE, str(exc), rid=request.rid)
-            return
-        await self._group_info(request.rid, request.group, members)
-
-    async def _on_group_join(self, request: protocol.GroupJoin) -> None:
-        await self._group_change(request.rid, request.group, self._context.groups.join)
-
-    async def _on_group_leave(self, request: protocol.GroupLeave) -> None:
-        await self._group_change(request.rid, request.group, self._context.groups.leave)
-
-    async def _group_change(
-        self,
-        rid: int,
-        group: str,
-        change: Callable[[str, str], Awaitable[Sequence[str]]],
-    ) -> None:
-        try:
-            members = await change(group, self.user)
-        except GroupNotFound:
-            await self._refuse(ErrorCode.NOT_FOUND, f"no group {group!r}", rid=rid)
-            return
-        except GroupFull as exc:
-            await self._refuse(ErrorCode.FORBIDDEN, str(exc), rid=rid)
-            return
-        await self._group_info(rid, group, members)
-
-    async def _on_group_members(self, request: protocol.GroupMembers) -> None:
-        try:
-            members = self._context.groups.members(request.group)
-        except GroupNotFound:
-            await self._refuse(
-                ErrorCode.NOT_FOUND, f"no group {request.group!r}", rid=request.rid
-            )
-            return
-        if self.user not in members:
-            await self._refuse(
-                ErrorCode.FORBIDDEN,
-                f"{self.user!r} is not a member of {request.group!r}",
-                rid=request.rid,
-            )
-            return
-        await self._group_info(request.rid, request.group, members)
-
-    async def _group_info(self, rid: int, group: str, members: Sequence[str]) -> None:
-        await self._reply(
-            protocol.GroupInfo(rid=rid, group=group, members=list(members))
-        )
 
     async def _on_ping(self, ping: protocol.Ping) -> None:
         await self._reply(protocol.Pong(n=ping.n))
