@@ -14,7 +14,7 @@ from ._backplane import Backplane, BackplaneUnavailable
 from ._catchup import delivery_of
 from ._context import ServerContext
 from ._records import InboxRecord
-from ._requests import FRAME_OVERHEAD, Refused, not_a_member
+from ._requests import FRAME_OVERHEAD, Refused, members_of
 
 __all__ = ["AppendFailed", "append_copies", "inbox_copies"]
 
@@ -23,7 +23,7 @@ class AppendFailed(Exception):
     """Some copy of a message is not known to be durable; it was not accepted."""
 
 
-def inbox_copies(
+async def inbox_copies(
     context: ServerContext,
     user: str,
     origin: str,
@@ -43,12 +43,7 @@ def inbox_copies(
         recipients = [send.to] if send.to == user else [send.to, user]
     else:
         to, group = None, send.group
-        try:
-            recipients = list(context.groups.members(send.group))
-        except LookupError:
-            raise Refused(ErrorCode.NOT_FOUND, f"no group {send.group!r}") from None
-        if user not in recipients:
-            raise not_a_member(user, send.group)
+        recipients = list(await members_of(context, send.group, user))
     for recipient in recipients:
         by_partition.setdefault(context.partition_for(recipient), []).append(recipient)
 

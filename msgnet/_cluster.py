@@ -172,6 +172,18 @@ class ClusterMember:
                 await self._applied.wait()
         return offset
 
+    async def sync(self) -> None:
+        """Wait until this server's map has applied the whole log as of now.
+
+        Other servers' changes reach the map a moment after they are written;
+        a lookup that misses waits for this, so a group created through one
+        server is found at once through any other.
+        """
+        end = await self._log.end_offset(CLUSTER_PARTITION)
+        async with self._applied:
+            while self._position < end:
+                await self._applied.wait()
+
     async def _claim(self, slot: int) -> bool:
         """Append a claim for ``slot`` at the next epoch; True if it won."""
         claim = SlotClaim(

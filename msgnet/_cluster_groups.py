@@ -33,6 +33,13 @@ class ClusterGroups:
             raise GroupNotFound(f"no group {group!r}")
         return tuple(sorted(members))
 
+    def __contains__(self, group: object) -> bool:
+        return group in self._member.map.groups
+
+    async def sync(self) -> None:
+        """Apply every change written to the cluster log so far."""
+        await self._member.sync()
+
     def is_member(self, group: str, user: str) -> bool:
         return user in self._member.map.groups.get(group, ())
 

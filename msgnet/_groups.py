@@ -151,6 +151,16 @@ class GroupDirectory:
             await self._apply(group, new_members, delete)
         return new_members
 
+    def __contains__(self, group: object) -> bool:
+        return group in self._members
+
+    async def sync(self) -> None:
+        """Catch up with changes made elsewhere: here, only ``reload`` does that.
+
+        On a single server every change goes through this directory, so its
+        cache is already current; a cluster's directory waits for its log.
+        """
+
     async def reload(self) -> None:
         """Replace the cache with the database's contents (another writer's changes)."""
         async with self._change_lock:

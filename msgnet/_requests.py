@@ -10,7 +10,7 @@ from protocol import ErrorCode
 from ._context import ServerContext
 from ._groups import GroupExists, GroupFull, GroupNotFound
 
-__all__ = ["FRAME_OVERHEAD", "Refused", "Request", "answer", "not_a_member"]
+__all__ = ["FRAME_OVERHEAD", "Refused", "Request", "answer", "members_of"]
 
 FRAME_OVERHEAD = 512
 """Bytes a Deliver or HistoryEntry needs besides its body, at most: the ids,
@@ -57,28 +57,46 @@ async def answer(
         except GroupFull as exc:
             raise Refused(ErrorCode.BAD_MESSAGE, str(exc)) from None
     elif isinstance(request, protocol.GroupJoin):
-        members = await _change(groups.join, request.group, user)
+        members = await _change(context, groups.join, request.group, user)
     elif isinstance(request, protocol.GroupLeave):
-        members = await _change(groups.leave, request.group, user)
+        members = await _change(context, groups.leave, request.group, user)
     else:
-        members = _members(context, request.group)
-        if user not in members:
-            raise not_a_member(user, request.group)
+        members = await members_of(context, request.group, user)
     return protocol.GroupInfo(
         rid=request.rid, group=request.group, members=list(members)
     )
 
 
-def _members(context: ServerContext, group: str) -> Sequence[str]:
-    try:
-        return context.groups.members(group)
-    except GroupNotFound:
-        raise Refused(ErrorCode.NOT_FOUND, f"no group {group!r}") from None
+async def members_of(context: ServerContext, group: str, user: str) -> Sequence[str]:
+    """The members of a group ``user`` belongs to; raises ``Refused`` otherwise.
+
+    A miss is checked again after catching up with changes made through other
+    servers, so what a client just did through one server holds at any other.
+    """
+    groups = context.groups
+    for attempt in range(2):
+        try:
+            members = groups.members(group)
+        except GroupNotFound:
+            members = ()
+            if attempt == 1:
+                raise Refused(ErrorCode.NOT_FOUND, f"no group {group!r}") from None
+        if user in members:
+            return members
+        if attempt == 0:
+            await groups.sync()
+    raise not_a_member(user, group)
 
 
 async def _change(
-    change: Callable[[str, str], Awaitable[Sequence[str]]], group: str, user: str
+    context: ServerContext,
+    change: Callable[[str, str], Awaitable[Sequence[str]]],
+    group: str,
+    user: str,
 ) -> Sequence[str]:
+    if group not in context.groups:
+        # Perhaps created through another server a moment ago.
+        await context.groups.sync()
     try:
         return await change(group, user)
     except GroupNotFound:
@@ -94,8 +112,8 @@ async def _history(
     history = context.history
     if history is None:
         raise Refused(ErrorCode.UNAVAILABLE, "this server keeps no history")
-    if request.group is not None and not context.groups.is_member(request.group, user):
-        raise not_a_member(user, request.group)
+    if request.group is not None:
+        await members_of(context, request.group, user)
     entries, older = await history.page(
         peer_a=user,
         peer_b=request.peer,

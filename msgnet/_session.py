@@ -392,7 +392,7 @@ class Session:
         context = self._context
         received = trio.current_time()
         try:
-            record, by_partition = inbox_copies(
+            record, by_partition = await inbox_copies(
                 context, self.user, self.session_id, send
             )
             positions = await append_copies(
