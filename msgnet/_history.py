@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from protocol import HistoryEntry
 
 from ._backplane import LogRecord
+from ._history_store import check_page_arguments
 from ._records import InboxRecord
 from ._sqlite import Database, open_database, transaction
 
@@ -113,15 +114,7 @@ class SQLiteHistoryStore:
         ``before`` (None: the newest). The cursor is the page's smallest seq,
         to pass back as ``before``, or None when no older message exists.
         """
-        if (peer_b is None) == (group is None):
-            raise ValueError(
-                f"page needs exactly one of peer_b and group, got peer_b={peer_b!r}"
-                f" and group={group!r}"
-            )
-        if limit < 1:
-            raise ValueError(f"page limit must be at least 1, got {limit!r}")
-        if before is not None and before < 0:
-            raise ValueError(f"page cursor must be >= 0, got {before!r}")
+        check_page_arguments(peer_b=peer_b, group=group, before=before, limit=limit)
 
         if group is not None:
             conv_kind, conv_key = "g", group

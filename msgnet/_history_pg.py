@@ -15,7 +15,7 @@ from psycopg import errors as pg_errors
 from protocol import HistoryEntry
 
 from ._backplane import LogRecord
-from ._history_store import HistoryUnavailable
+from ._history_store import HistoryUnavailable, check_page_arguments
 from ._records import InboxRecord
 
 __all__ = [
@@ -340,15 +340,7 @@ class PostgresHistoryStore:
         limit: int,
     ) -> tuple[list[HistoryEntry], int | None]:
         """One page of a conversation, oldest first, and the cursor before it."""
-        if (peer_b is None) == (group is None):
-            raise ValueError(
-                f"page needs exactly one of peer_b and group, got peer_b={peer_b!r}"
-                f" and group={group!r}"
-            )
-        if limit < 1:
-            raise ValueError(f"page limit must be at least 1, got {limit!r}")
-        if before is not None and before < 0:
-            raise ValueError(f"page cursor must be >= 0, got {before!r}")
+        check_page_arguments(peer_b=peer_b, group=group, before=before, limit=limit)
 
         if group is not None:
             conv_kind, conv_key = "g", group

@@ -10,7 +10,7 @@ from protocol import HistoryEntry
 from ._backplane import LogRecord
 from ._records import InboxRecord
 
-__all__ = ["HistoryStore", "HistoryUnavailable"]
+__all__ = ["HistoryStore", "HistoryUnavailable", "check_page_arguments"]
 
 
 class HistoryUnavailable(ConnectionError):
@@ -70,3 +70,18 @@ class HistoryStore(Protocol):
     async def aclose(self) -> None:
         """Release the store's connections; idempotent."""
         ...
+
+
+def check_page_arguments(
+    *, peer_b: str | None, group: str | None, before: int | None, limit: int
+) -> None:
+    """Refuse a page request every store would refuse, in the same words."""
+    if (peer_b is None) == (group is None):
+        raise ValueError(
+            f"page needs exactly one of peer_b and group, got peer_b={peer_b!r}"
+            f" and group={group!r}"
+        )
+    if limit < 1:
+        raise ValueError(f"page limit must be at least 1, got {limit!r}")
+    if before is not None and before < 0:
+        raise ValueError(f"page cursor must be >= 0, got {before!r}")
