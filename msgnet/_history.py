@@ -34,12 +34,15 @@ def _write(
             # Every copy of a message (one per partition, and any redelivery)
             # has the same (sender, id): the first write makes the row, the
             # others find it.
-            connection.execute(
+            # The no-op update makes RETURNING give the seq of the row that
+            # was there already, so one statement serves both cases.
+            (seq,) = connection.execute(
                 """
                 INSERT INTO messages
                     (sender, id, conv_kind, conv_key, recipient_to, grp, body, ts)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (sender, id) DO NOTHING
+                ON CONFLICT (sender, id) DO UPDATE SET sender = excluded.sender
+                RETURNING seq
                 """,
                 (
                     record.sender,
@@ -51,10 +54,6 @@ def _write(
                     record.body,
                     record.ts,
                 ),
-            )
-            (seq,) = connection.execute(
-                "SELECT seq FROM messages WHERE sender = ? AND id = ?",
-                (record.sender, record.id),
             ).fetchone()
 
             connection.executemany(
