@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
@@ -27,11 +28,6 @@ _MAX_MAP_LENGTH = 4096
 _unpackb = msgpack.unpackb
 
 
-# (wire name, attribute name, default, is str, low, high, optional, is id): a
-# ScalarCheck spread flat, so the decoder's loop reads locals, not attributes.
-_Step = tuple[str, str, Any, bool, int, int, bool, bool]
-
-
 @attrs.frozen(kw_only=True)
 class _Layout:
     """Everything the codec needs about one class, worked out once at import."""
@@ -46,9 +42,6 @@ class _Layout:
     known: frozenset[str]
     required: tuple[str, ...]
     required_set: frozenset[str]
-    plan: tuple[_Step, ...] | None
-    """One step per field, if every field has a ScalarCheck and no converter, so
-    decoded values can be checked inline."""
 
 
 def _layout(tag: str | None, cls: type[Any]) -> _Layout:
@@ -61,27 +54,6 @@ def _layout(tag: str | None, cls: type[Any]) -> _Layout:
         for (wire, _), field in zip(items, fields, strict=True)
         if field.default is attrs.NOTHING
     )
-
-    plan: tuple[_Step, ...] | None = None
-    checks = [field.validator for field in fields]
-    if all(type(check) is ScalarCheck for check in checks) and not any(
-        field.converter for field in fields
-    ):
-        plan = tuple(
-            (
-                wire,
-                name,
-                field.default,
-                check.kind is str,
-                check.low,
-                check.high,
-                check.optional,
-                check.is_id,
-            )
-            for (wire, name), field, check in zip(
-                items, fields, cast("list[ScalarCheck]", checks), strict=True
-            )
-        )
 
     return _Layout(
         tag=tag,
@@ -96,47 +68,193 @@ def _layout(tag: str | None, cls: type[Any]) -> _Layout:
         known=frozenset(wire for wire, _ in items),
         required=required,
         required_set=frozenset(required),
-        plan=plan,
     )
 
 
 _BY_TAG = {tag: _layout(tag, cls) for tag, cls in MESSAGE_TYPES.items()}
-_BY_CLASS: dict[type[Any], _Layout] = {
-    layout.cls: layout for layout in _BY_TAG.values()
-}
 _ENTRY = _layout(None, HistoryEntry)
-_new = object.__new__
-_set = object.__setattr__
 _local = threading.local()
 
 
-def _fields_map(layout: _Layout, message: Any, out: dict[str, Any]) -> dict[str, Any]:
-    # The instance dict holds the fields in declaration order, which is the wire
-    # order, because only attrs' __init__ and _build below ever create it.
-    if layout.renamed:
-        values = message.__dict__
-        for wire, name in layout.items:
-            out[wire] = values[name]
-    else:
-        out.update(message.__dict__)
+# The codec's hot paths are Python functions written out per class at import,
+# from the same field table the validators come from: field names become
+# constants and every check is spelled out, where a loop over the table would
+# pay for a tuple unpacking and a branch per field on every frame.
 
-    # Optional fields that are None are left out to keep frames small.
+
+def _run(source: str, namespace: dict[str, Any]) -> Any:
+    """Return the function that source defines, compiled in namespace."""
+    exec(compile(source, "<protocol codec>", "exec"), namespace)
+    return namespace["function"]
+
+
+def _map_function(layout: _Layout, entry_map: Any) -> Callable[[Any], dict[str, Any]]:
+    """Return a function giving the wire map of one message of layout's class.
+
+    The map holds "t" first, then the fields in table order, less optional
+    fields that are None, which are left out to keep frames small.
+    """
+    pairs = [f"{wire!r}: values[{name!r}]" for wire, name in layout.items]
+    if layout.tag is not None:
+        pairs.insert(0, f"'t': {layout.tag!r}")
+    if layout.cls is HistoryPage:
+        pairs = [
+            "'messages': [entry_map(entry) for entry in values['messages']]"
+            if pair.startswith("'messages'")
+            else pair
+            for pair in pairs
+        ]
+
+    lines = [
+        "def function(message):",
+        "    values = message.__dict__",
+        f"    out = {{{', '.join(pairs)}}}",
+    ]
     for wire in layout.omit_if_none:
-        if out[wire] is None:
-            del out[wire]
-    return out
+        lines += [f"    if out[{wire!r}] is None:", f"        del out[{wire!r}]"]
+    lines.append("    return out")
+    return cast(
+        "Callable[[Any], dict[str, Any]]",
+        _run("\n".join(lines), {"entry_map": entry_map}),
+    )
+
+
+def _body_function(
+    layout: _Layout, to_map: Callable[[Any], dict[str, Any]]
+) -> Callable[[Any, Callable[[Any], bytes]], bytes]:
+    """Return a function giving the msgpack body of one message of layout's class.
+
+    For a class whose attribute names are its wire names, the instance dict is
+    the wire map less "t": the function packs that dict as it is and puts the
+    map header and "t" in front, instead of building a map to pack. The bytes
+    are the same; it is right because only attrs' __init__ and the decoder
+    below create instance dicts, both in declaration order. Anything else goes
+    through to_map.
+    """
+    count = len(layout.items)
+    if layout.cls is HistoryPage or layout.renamed or count + 1 >= 16:
+        return lambda message, pack: pack(to_map(message))
+
+    # Up to 15 pairs take a one-byte fixmap header: 0x80 plus the count.
+    head = bytes([0x80 | (count + 1)]) + msgpack.packb("t") + msgpack.packb(layout.tag)
+    absent = " or ".join(f"values[{wire!r}] is None" for wire in layout.omit_if_none)
+    lines = [
+        "def function(message, pack):",
+        "    values = message.__dict__",
+    ]
+    if absent:
+        lines += [f"    if {absent}:", "        return pack(to_map(message))"]
+    lines.append("    return head + pack(values)[1:]")
+    namespace = {"head": head, "to_map": to_map}
+    return cast(
+        "Callable[[Any, Callable[[Any], bytes]], bytes]",
+        _run("\n".join(lines), namespace),
+    )
+
+
+def _accepts_source(local: str, check: ScalarCheck) -> str:
+    """Return a Python expression true if local passes check (ScalarCheck.accepts)."""
+    if check.kind is str:
+        length = (
+            f"len({local}) <= {check.high}"
+            if check.low == 0
+            else f"{check.low} <= len({local}) <= {check.high}"
+        )
+        test = f"type({local}) is str and {length}"
+        if check.is_id:
+            test += f" and ' ' not in {local} and {local}.isprintable()"
+    else:
+        test = f"type({local}) is int and {check.low} <= {local} < {check.high}"
+    return f"({local} is None or ({test}))" if check.optional else test
+
+
+def _fast_decoder(layout: _Layout) -> Callable[[dict[str, Any]], Any] | None:
+    """Return a function building a message from a decoded map, or None.
+
+    The function returns None instead of raising when anything is off: an
+    unknown key, a missing field, a value its check refuses. The caller then
+    takes the slow way through the class's own validators, which word the
+    error. Classes with a converter or a validator other than ScalarCheck get
+    no such function.
+    """
+    fields = attrs.fields(layout.cls)
+    if any(field.converter for field in fields) or not all(
+        type(field.validator) is ScalarCheck for field in fields
+    ):
+        return None
+
+    # Every required field that passes its check was present, since None fails
+    # the check of a required field; counting the optional ones present tells
+    # whether the map holds any key besides the fields.
+    required = sum(field.default is attrs.NOTHING for field in fields)
+    optional = [
+        f"({wire!r} in data)"
+        for (wire, _), field in zip(layout.items, fields, strict=True)
+        if field.default is not attrs.NOTHING
+    ]
+    tests = [f"len(data) == {' + '.join([str(required), *optional])}"]
+    lines = ["def function(data):"]
+    for (wire, name), field in zip(layout.items, fields, strict=True):
+        if field.default is attrs.NOTHING:
+            lines.append(f"    v_{name} = data.get({wire!r})")
+        else:
+            lines.append(f"    v_{name} = data.get({wire!r}, {field.default!r})")
+        tests.append(_accepts_source(f"v_{name}", cast("ScalarCheck", field.validator)))
+
+    lines.append(f"    if {' and '.join(tests)}:")
+    if layout.renamed:
+        # The encoder of a class with renamed fields builds its map key by key,
+        # so the instance dict's order does not matter: the decoded map becomes
+        # the instance dict once its keys are the attribute names.
+        for (wire, name), field in zip(layout.items, fields, strict=True):
+            if wire != name:
+                lines.append(f"        del data[{wire!r}]")
+            if wire != name or field.default is not attrs.NOTHING:
+                lines.append(f"        data[{name!r}] = v_{name}")
+        values = "data"
+    else:
+        # A fresh dict keeps the instance dict in declaration order, which the
+        # encoder relies on, whatever the order of the keys on the wire.
+        values = (
+            "{" + ", ".join(f"{name!r}: v_{name}" for _, name in layout.items) + "}"
+        )
+    lines += [
+        "        message = new(cls)",
+        f"        set_dict(message, {values})",
+        "        return message",
+        "    return None",
+    ]
+    # The class's own __dict__ descriptor sets the dict with one call less than
+    # object.__setattr__, which frozen classes need to get past their own.
+    namespace = {
+        "cls": layout.cls,
+        "new": object.__new__,
+        "set_dict": layout.cls.__dict__["__dict__"].__set__,
+    }
+    return cast("Callable[[dict[str, Any]], Any]", _run("\n".join(lines), namespace))
+
+
+_ENTRY_MAP = _map_function(_ENTRY, None)
+_TO_MAP: dict[type[Any], Callable[[Any], dict[str, Any]]] = {
+    layout.cls: _map_function(layout, _ENTRY_MAP) for layout in _BY_TAG.values()
+}
+_ENCODERS = {
+    layout.cls: _body_function(layout, _TO_MAP[layout.cls])
+    for layout in _BY_TAG.values()
+}
+_FAST_DECODERS = {
+    tag: decoder
+    for tag, layout in _BY_TAG.items()
+    if (decoder := _fast_decoder(layout)) is not None
+}
 
 
 def message_to_map(message: Message) -> dict[str, Any]:
     """Return the wire map of a message: "t" first, then fields in table order."""
-    layout = _BY_CLASS.get(type(message))
-    if layout is None:
+    to_map = _TO_MAP.get(type(message))
+    if to_map is None:
         raise TypeError(f"expected a protocol message, got {message!r}")
-
-    out = _fields_map(layout, message, {"t": layout.tag})
-    if layout.cls is HistoryPage:
-        out["messages"] = [_fields_map(_ENTRY, entry, {}) for entry in out["messages"]]
-    return out
+    return to_map(message)
 
 
 def encode_message(message: Message) -> bytes:
@@ -147,19 +265,10 @@ def encode_message(message: Message) -> bytes:
     except AttributeError:
         pack = _local.pack = msgpack.Packer().pack
 
-    # The common case inline: a message was validated when it was built, so
-    # its map is its instance dict behind the tag, less the None optionals.
-    # This is message_to_map without its two calls; the bytes are the same.
-    layout = _BY_CLASS.get(type(message))
-    if layout is None or layout.renamed or layout.cls is HistoryPage:
-        body: bytes = pack(message_to_map(message))
-        return body
-    out = {"t": layout.tag, **message.__dict__}
-    for wire in layout.omit_if_none:
-        if out[wire] is None:
-            del out[wire]
-    body = pack(out)
-    return body
+    encode = _ENCODERS.get(type(message))
+    if encode is None:
+        raise TypeError(f"expected a protocol message, got {message!r}")
+    return encode(message, pack)
 
 
 def _known_fields(layout: _Layout, data: dict[Any, Any]) -> dict[str, Any]:
@@ -173,41 +282,7 @@ def _known_fields(layout: _Layout, data: dict[Any, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if key in layout.known}
 
 
-def _fast_build(layout: _Layout, plan: tuple[_Step, ...], data: dict[str, Any]) -> Any:
-    """Return the message if every field passes its check inline, else None.
-
-    The checks are exactly ScalarCheck.accepts; anything they refuse goes the
-    slow way through the class's own validators, which word the error.
-    """
-    fields = {}
-    for wire, name, default, is_str, low, high, optional, is_id in plan:
-        value = data.get(wire, default)
-        if value is None:
-            if not optional:
-                return None
-        elif is_str:
-            if (
-                type(value) is not str
-                or not low <= len(value) <= high
-                or (is_id and (" " in value or not value.isprintable()))
-            ):
-                return None
-        elif type(value) is not int or not low <= value < high:
-            return None
-        fields[name] = value
-
-    message = _new(layout.cls)
-    _set(message, "__dict__", fields)
-    return message
-
-
 def _build(layout: _Layout, data: dict[Any, Any], where: str) -> Any:
-    plan = layout.plan
-    if plan is not None and data.keys() <= layout.known:
-        message = _fast_build(layout, plan, data)
-        if message is not None:
-            return message
-
     if not data.keys() <= layout.known:
         data = _known_fields(layout, data)
     if not layout.required_set <= data.keys():
@@ -272,6 +347,13 @@ def decode_message(body: bytes) -> Message:
         )
 
     tag = data.pop("t", None)
+    if type(tag) is str:
+        fast = _FAST_DECODERS.get(tag)
+        if fast is not None:
+            message: Message | None = fast(data)
+            if message is not None:
+                return message
+
     layout = _BY_TAG.get(tag) if type(tag) is str else None
     if layout is None:
         if type(tag) is str:
@@ -285,5 +367,5 @@ def decode_message(body: bytes) -> Message:
 
     if layout.cls is HistoryPage and "messages" in data:
         data["messages"] = _decode_entries(data["messages"])
-    message: Message = _build(layout, data, tag)
-    return message
+    built: Message = _build(layout, data, tag)
+    return built
