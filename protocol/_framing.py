@@ -15,6 +15,7 @@ DEFAULT_MAX_FRAME_SIZE = 1_048_576
 
 _PREFIX = 4
 _pack_prefix = struct.Struct(">I").pack
+_unpack_prefix = struct.Struct(">I").unpack_from
 # The prefix is an unsigned 32-bit number, so no limit can go beyond this.
 _MAX_PREFIX_VALUE = 2**32 - 1
 
@@ -71,26 +72,56 @@ class FrameDecoder:
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         _check_limit(max_frame_size)
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+
+        # Frames are sliced out of immutable bytes from an offset, so a body
+        # costs one copy and consuming it costs nothing. Bytes fed while that
+        # buffer still holds a partial frame wait in a list, joined only once
+        # the frame is whole: a large frame trickling in is not copied per feed.
+        self._data = b""
+        self._at = 0
+        self._pending: list[bytes] = []
+        self._pending_size = 0
 
     @property
     def buffered(self) -> int:
         """The number of bytes received but not yet returned in a frame."""
-        return len(self._buffer)
+        return len(self._data) - self._at + self._pending_size
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes received from the peer."""
-        self._buffer += data
+        # bytes() copies a mutable buffer the caller may reuse, and returns
+        # bytes themselves unchanged.
+        chunk = bytes(data)
+        if self._at == len(self._data) and not self._pending:
+            self._data = chunk
+            self._at = 0
+        else:
+            self._pending.append(chunk)
+            self._pending_size += len(chunk)
 
     def next_frame(self) -> bytes | None:
         """Return the next complete frame body, or None if more bytes are needed."""
-        buffer = self._buffer
-        if len(buffer) < _PREFIX:
+        # The common case inline: a whole frame of an allowed size is buffered.
+        data = self._data
+        start = self._at + _PREFIX
+        if start <= len(data):
+            length = _unpack_prefix(data, start - _PREFIX)[0]
+            end = start + length
+            if end <= len(data) and 0 < length <= self.max_frame_size:
+                self._at = end
+                return data[start:end]
+        return self._next_frame_slowly()
+
+    def _next_frame_slowly(self) -> bytes | None:
+        buffered = self.buffered
+        if buffered < _PREFIX:
             return None
+        if len(self._data) - self._at < _PREFIX:
+            self._join_pending()
 
         # The length is judged as soon as the prefix is here, before any of the
         # body is waited for, so an oversized claim costs us nothing to refuse.
-        length = int.from_bytes(buffer[:_PREFIX], "big")
+        length = _unpack_prefix(self._data, self._at)[0]
         if length > self.max_frame_size:
             raise RemoteProtocolError(
                 f"frame length {length} is over the limit of {self.max_frame_size} "
@@ -103,10 +134,16 @@ class FrameDecoder:
                 code=ErrorCode.BAD_FRAME,
             )
 
-        end = _PREFIX + length
-        if len(buffer) < end:
+        if buffered < _PREFIX + length:
             return None
-        body = bytes(buffer[_PREFIX:end])
-        # Deleting from the front of a bytearray only moves its start pointer.
-        del buffer[:end]
-        return body
+        if len(self._data) - self._at < _PREFIX + length:
+            self._join_pending()
+        start = self._at + _PREFIX
+        self._at = start + length
+        return self._data[start : self._at]
+
+    def _join_pending(self) -> None:
+        self._data = b"".join([self._data[self._at :], *self._pending])
+        self._at = 0
+        self._pending = []
+        self._pending_size = 0
