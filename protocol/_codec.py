@@ -88,64 +88,79 @@ def _run(source: str, namespace: dict[str, Any]) -> Any:
     return namespace["function"]
 
 
-def _map_function(layout: _Layout, entry_map: Any) -> Callable[[Any], dict[str, Any]]:
-    """Return a function giving the wire map of one message of layout's class.
+def _map_lines(layout: _Layout, wrap: str) -> list[str]:
+    """Return the lines that build the wire map of values and return wrap of it.
 
     The map holds "t" first, then the fields in table order, less optional
-    fields that are None, which are left out to keep frames small.
+    fields that are None, which are left out to keep frames small. Each way
+    of leaving them out gets a map display of its own, one branch per optional
+    field, which is cheaper than building the whole map and deleting keys.
     """
-    pairs = [f"{wire!r}: values[{name!r}]" for wire, name in layout.items]
+    pairs = [(wire, f"{wire!r}: values[{name!r}]") for wire, name in layout.items]
     if layout.tag is not None:
-        pairs.insert(0, f"'t': {layout.tag!r}")
+        pairs.insert(0, ("t", f"'t': {layout.tag!r}"))
     if layout.cls is HistoryPage:
         pairs = [
-            "'messages': [entry_map(entry) for entry in values['messages']]"
-            if pair.startswith("'messages'")
-            else pair
-            for pair in pairs
+            (wire, "'messages': [entry_map(entry) for entry in values['messages']]")
+            if wire == "messages"
+            else (wire, pair)
+            for wire, pair in pairs
         ]
 
-    lines = [
-        "def function(message):",
-        "    values = message.__dict__",
-        f"    out = {{{', '.join(pairs)}}}",
-    ]
-    for wire in layout.omit_if_none:
-        lines += [f"    if out[{wire!r}] is None:", f"        del out[{wire!r}]"]
-    lines.append("    return out")
+    def branch(left_out: frozenset[str], rest: list[str], indent: str) -> list[str]:
+        if not rest:
+            kept = ", ".join(pair for wire, pair in pairs if wire not in left_out)
+            return [indent + "return " + wrap.format("{" + kept + "}")]
+        wire, name = rest[0], dict(layout.items)[rest[0]]
+        return [
+            f"{indent}if values[{name!r}] is None:",
+            *branch(left_out | {wire}, rest[1:], indent + "    "),
+            *branch(left_out, rest[1:], indent),
+        ]
+
+    return branch(frozenset(), list(layout.omit_if_none), "    ")
+
+
+def _map_function(layout: _Layout, entry_map: Any) -> Callable[[Any], dict[str, Any]]:
+    """Return a function giving the wire map of one message of layout's class."""
+    lines = ["def function(message):", "    values = message.__dict__"]
+    source = "\n".join(lines + _map_lines(layout, "{}"))
     return cast(
-        "Callable[[Any], dict[str, Any]]",
-        _run("\n".join(lines), {"entry_map": entry_map}),
+        "Callable[[Any], dict[str, Any]]", _run(source, {"entry_map": entry_map})
     )
 
 
 def _body_function(
-    layout: _Layout, to_map: Callable[[Any], dict[str, Any]]
+    layout: _Layout, entry_map: Any
 ) -> Callable[[Any, Callable[[Any], bytes]], bytes]:
     """Return a function giving the msgpack body of one message of layout's class.
 
     For a class whose attribute names are its wire names, the instance dict is
-    the wire map less "t": the function packs that dict as it is and puts the
-    map header and "t" in front, instead of building a map to pack. The bytes
-    are the same; it is right because only attrs' __init__ and the decoder
-    below create instance dicts, both in declaration order. Anything else goes
-    through to_map.
+    the wire map less "t" while no optional field is None: the function packs
+    that dict as it is and puts the map header and "t" in front, instead of
+    building a map to pack. The bytes are the same; it is right because only
+    attrs' __init__ and the decoder below create instance dicts, both in
+    declaration order.
     """
+    lines = ["def function(message, pack):", "    values = message.__dict__"]
     count = len(layout.items)
-    if layout.cls is HistoryPage or layout.renamed or count + 1 >= 16:
-        return lambda message, pack: pack(to_map(message))
-
-    # Up to 15 pairs take a one-byte fixmap header: 0x80 plus the count.
-    head = bytes([0x80 | (count + 1)]) + msgpack.packb("t") + msgpack.packb(layout.tag)
-    absent = " or ".join(f"values[{wire!r}] is None" for wire in layout.omit_if_none)
-    lines = [
-        "def function(message, pack):",
-        "    values = message.__dict__",
-    ]
-    if absent:
-        lines += [f"    if {absent}:", "        return pack(to_map(message))"]
-    lines.append("    return head + pack(values)[1:]")
-    namespace = {"head": head, "to_map": to_map}
+    head = b""
+    present: list[str] = []
+    if layout.cls is not HistoryPage and not layout.renamed and count + 1 < 16:
+        # Up to 15 pairs take a one-byte fixmap header: 0x80 plus the count.
+        head = bytes([0x80 | (count + 1)]) + msgpack.packb("t")
+        head += msgpack.packb(layout.tag)
+        present = [f"values[{wire!r}] is not None" for wire in layout.omit_if_none]
+        if not present:
+            lines.append("    return head + pack(values)[1:]")
+        else:
+            lines += [
+                f"    if {' and '.join(present)}:",
+                "        return head + pack(values)[1:]",
+            ]
+    if not head or present:
+        lines += _map_lines(layout, "pack({})")
+    namespace = {"head": head, "entry_map": entry_map}
     return cast(
         "Callable[[Any, Callable[[Any], bytes]], bytes]",
         _run("\n".join(lines), namespace),
@@ -239,8 +254,7 @@ _TO_MAP: dict[type[Any], Callable[[Any], dict[str, Any]]] = {
     layout.cls: _map_function(layout, _ENTRY_MAP) for layout in _BY_TAG.values()
 }
 _ENCODERS = {
-    layout.cls: _body_function(layout, _TO_MAP[layout.cls])
-    for layout in _BY_TAG.values()
+    layout.cls: _body_function(layout, _ENTRY_MAP) for layout in _BY_TAG.values()
 }
 _FAST_DECODERS = {
     tag: decoder
