@@ -88,33 +88,39 @@ def _run(source: str, namespace: dict[str, Any]) -> Any:
     return namespace["function"]
 
 
-def _map_lines(layout: _Layout, wrap: str) -> list[str]:
-    """Return the lines that build the wire map of values and return wrap of it.
-
-    The map holds "t" first, then the fields in table order, less optional
-    fields that are None, which are left out to keep frames small. Each way
-    of leaving them out gets a map display of its own, one branch per optional
-    field, which is cheaper than building the whole map and deleting keys.
-    """
-    pairs = [(wire, f"{wire!r}: values[{name!r}]") for wire, name in layout.items]
+def _map_pairs(layout: _Layout) -> list[tuple[str, str]]:
+    """Return (wire name, Python expression of its value) for every wire key."""
+    pairs = [(wire, f"values[{name!r}]") for wire, name in layout.items]
     if layout.tag is not None:
-        pairs.insert(0, ("t", f"'t': {layout.tag!r}"))
+        pairs.insert(0, ("t", repr(layout.tag)))
     if layout.cls is HistoryPage:
         pairs = [
-            (wire, "'messages': [entry_map(entry) for entry in values['messages']]")
+            (wire, "[entry_map(entry) for entry in values['messages']]")
             if wire == "messages"
-            else (wire, pair)
-            for wire, pair in pairs
+            else (wire, value)
+            for wire, value in pairs
         ]
+    return pairs
+
+
+def _branches(
+    layout: _Layout, leaf: Callable[[list[tuple[str, str]], str], list[str]]
+) -> list[str]:
+    """Return one branch per way the optional fields can be None, each ending in
+    leaf(the pairs on the wire, indent).
+
+    Optional fields that are None are left out of the map to keep frames small;
+    a map per way of leaving them out is cheaper than deleting keys from one.
+    """
+    pairs = _map_pairs(layout)
+    names = dict(layout.items)
 
     def branch(left_out: frozenset[str], rest: list[str], indent: str) -> list[str]:
         if not rest:
-            kept = ", ".join(pair for wire, pair in pairs if wire not in left_out)
-            return [indent + "return " + wrap.format("{" + kept + "}")]
-        wire, name = rest[0], dict(layout.items)[rest[0]]
+            return leaf([pair for pair in pairs if pair[0] not in left_out], indent)
         return [
-            f"{indent}if values[{name!r}] is None:",
-            *branch(left_out | {wire}, rest[1:], indent + "    "),
+            f"{indent}if values[{names[rest[0]]!r}] is None:",
+            *branch(left_out | {rest[0]}, rest[1:], indent + "    "),
             *branch(left_out, rest[1:], indent),
         ]
 
@@ -123,26 +129,59 @@ def _map_lines(layout: _Layout, wrap: str) -> list[str]:
 
 def _map_function(layout: _Layout, entry_map: Any) -> Callable[[Any], dict[str, Any]]:
     """Return a function giving the wire map of one message of layout's class."""
+
+    def leaf(pairs: list[tuple[str, str]], indent: str) -> list[str]:
+        display = ", ".join(f"{wire!r}: {value}" for wire, value in pairs)
+        return [f"{indent}return {{{display}}}"]
+
     lines = ["def function(message):", "    values = message.__dict__"]
-    source = "\n".join(lines + _map_lines(layout, "{}"))
+    source = "\n".join(lines + _branches(layout, leaf))
     return cast(
         "Callable[[Any], dict[str, Any]]", _run(source, {"entry_map": entry_map})
     )
 
 
-def _body_function(
+_Encoder = Callable[[Any], bytes]
+
+
+def _encoder_factory(
     layout: _Layout, entry_map: Any
-) -> Callable[[Any, Callable[[Any], bytes]], bytes]:
-    """Return a function giving the msgpack body of one message of layout's class.
+) -> Callable[[Callable[[Any], bytes]], _Encoder]:
+    """Return a function that, given a thread's pack, returns that thread's
+    encoder of messages of layout's class to msgpack bodies.
+
+    Each encoder owns a map per way of leaving optional fields out, built once
+    with the wire keys in order: it stores the message's values into it and
+    packs it, which is cheaper than building a map per message. Those maps are
+    why an encoder belongs to one thread; between two messages, each keeps the
+    values of the last one.
 
     For a class whose attribute names are its wire names, the instance dict is
-    the wire map less "t" while no optional field is None: the function packs
+    the wire map less "t" while no optional field is None: the encoder packs
     that dict as it is and puts the map header and "t" in front, instead of
-    building a map to pack. The bytes are the same; it is right because only
-    attrs' __init__ and the decoder below create instance dicts, both in
-    declaration order.
+    filling a map. The bytes are the same; it is right because only attrs'
+    __init__ and the decoder below create instance dicts, both in declaration
+    order.
     """
-    lines = ["def function(message, pack):", "    values = message.__dict__"]
+    maps: list[str] = []
+
+    def leaf(pairs: list[tuple[str, str]], indent: str) -> list[str]:
+        # The tag is a constant: it goes in when the map is made.
+        name = f"map_{len(maps)}"
+        display = ", ".join(
+            f"{wire!r}: {value if wire == 't' else None}" for wire, value in pairs
+        )
+        maps.append(f"    {name} = {{{display}}}")
+        return [
+            *(
+                f"{indent}{name}[{wire!r}] = {value}"
+                for wire, value in pairs
+                if wire != "t"
+            ),
+            f"{indent}return pack({name})",
+        ]
+
+    body = ["    def function(message):", "        values = message.__dict__"]
     count = len(layout.items)
     head = b""
     present: list[str] = []
@@ -152,17 +191,19 @@ def _body_function(
         head += msgpack.packb(layout.tag)
         present = [f"values[{wire!r}] is not None" for wire in layout.omit_if_none]
         if not present:
-            lines.append("    return head + pack(values)[1:]")
+            body.append("        return head + pack(values)[1:]")
         else:
-            lines += [
-                f"    if {' and '.join(present)}:",
-                "        return head + pack(values)[1:]",
+            body += [
+                f"        if {' and '.join(present)}:",
+                "            return head + pack(values)[1:]",
             ]
     if not head or present:
-        lines += _map_lines(layout, "pack({})")
+        body += ["    " + line for line in _branches(layout, leaf)]
+
+    lines = ["def function(pack):", *maps, *body, "    return function"]
     namespace = {"head": head, "entry_map": entry_map}
     return cast(
-        "Callable[[Any, Callable[[Any], bytes]], bytes]",
+        "Callable[[Callable[[Any], bytes]], _Encoder]",
         _run("\n".join(lines), namespace),
     )
 
@@ -253,9 +294,25 @@ _ENTRY_MAP = _map_function(_ENTRY, None)
 _TO_MAP: dict[type[Any], Callable[[Any], dict[str, Any]]] = {
     layout.cls: _map_function(layout, _ENTRY_MAP) for layout in _BY_TAG.values()
 }
-_ENCODERS = {
-    layout.cls: _body_function(layout, _ENTRY_MAP) for layout in _BY_TAG.values()
+_ENCODER_FACTORIES = {
+    layout.cls: _encoder_factory(layout, _ENTRY_MAP) for layout in _BY_TAG.values()
 }
+
+
+def _thread_encoders() -> dict[type[Any], _Encoder]:
+    """Return this thread's encoders, made on its first call."""
+    try:
+        encoders: dict[type[Any], _Encoder] = _local.encoders
+    except AttributeError:
+        # A Packer per thread is reused; it is cheaper than msgpack.packb's
+        # fresh one, and it keeps a buffer that only one thread may use.
+        pack = msgpack.Packer().pack
+        encoders = _local.encoders = {
+            cls: factory(pack) for cls, factory in _ENCODER_FACTORIES.items()
+        }
+    return encoders
+
+
 _FAST_DECODERS = {
     tag: decoder
     for tag, layout in _BY_TAG.items()
@@ -273,16 +330,10 @@ def message_to_map(message: Message) -> dict[str, Any]:
 
 def encode_message(message: Message) -> bytes:
     """Return the msgpack body of a message, without the frame's length prefix."""
-    # A Packer per thread is reused; it is cheaper than msgpack.packb's fresh one.
-    try:
-        pack = _local.pack
-    except AttributeError:
-        pack = _local.pack = msgpack.Packer().pack
-
-    encode = _ENCODERS.get(type(message))
+    encode = _thread_encoders().get(type(message))
     if encode is None:
         raise TypeError(f"expected a protocol message, got {message!r}")
-    return encode(message, pack)
+    return encode(message)
 
 
 def _known_fields(layout: _Layout, data: dict[Any, Any]) -> dict[str, Any]:
@@ -360,13 +411,15 @@ def decode_message(body: bytes) -> Message:
             code=ErrorCode.BAD_FRAME,
         )
 
+    # Any tag without a fast decoder, even an unhashable one, fails the lookup
+    # and is judged below.
     tag = data.pop("t", None)
-    if type(tag) is str:
-        fast = _FAST_DECODERS.get(tag)
-        if fast is not None:
-            message: Message | None = fast(data)
-            if message is not None:
-                return message
+    try:
+        message: Message | None = _FAST_DECODERS[tag](data)
+    except (KeyError, TypeError):
+        message = None
+    if message is not None:
+        return message
 
     layout = _BY_TAG.get(tag) if type(tag) is str else None
     if layout is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from ._codec import _ENCODERS, _local, encode_message
+from ._codec import _local, encode_message
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._messages import Message
 
@@ -37,15 +37,14 @@ def encode_frame(
     peer would refuse the frame and close the connection.
     """
     # encode_message and encode_body's check, inline: this runs once for every
-    # frame sent. encode_message sets up this thread's Packer the first time,
+    # frame sent. encode_message sets up this thread's encoders the first time,
     # and words the error for something that is not a message.
     try:
-        pack = _local.pack
-        encode = _ENCODERS[type(message)]
+        encode = _local.encoders[type(message)]
     except (AttributeError, KeyError):
         body = encode_message(message)
     else:
-        body = encode(message, pack)
+        body = encode(message)
     if len(body) > max_frame_size:
         raise _too_large(message, body, max_frame_size)
     return _pack_prefix(len(body)) + body
