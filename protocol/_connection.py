@@ -154,6 +154,8 @@ class Connection:
 
         self._steady_sends = _SENDS[role] - _STATEFUL
         """What this role may send while open without changing the state."""
+        self._steady_receives = _SENDS[self._peer_role] - _STATEFUL
+        """What the peer may send while open without changing the state."""
         self._hello_done = False
         """Client: Hello sent. Server: Hello received."""
         self._welcomed = False
@@ -200,7 +202,16 @@ class Connection:
             if body is None:
                 return self._no_frame()
             message = decode_message(body)
-            self._check_received(message)
+
+            # Nearly every message is one that neither changes nor ends the
+            # state, on an open connection the peer has not closed: it passes
+            # every check below. Welcome, sent or received, comes after Hello.
+            if not (
+                type(message) in self._steady_receives
+                and self._welcomed
+                and not self._peer_closed
+            ):
+                self._check_received(message)
         except RemoteProtocolError as exc:
             self._error = exc
             raise
