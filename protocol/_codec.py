@@ -154,14 +154,8 @@ def _encoder_factory(
     with the wire keys in order: it stores the message's values into it and
     packs it, which is cheaper than building a map per message. Those maps are
     why an encoder belongs to one thread; between two messages, each keeps the
-    values of the last one.
-
-    For a class whose attribute names are its wire names, the instance dict is
-    the wire map less "t" while no optional field is None: the encoder packs
-    that dict as it is and puts the map header and "t" in front, instead of
-    filling a map. The bytes are the same; it is right because only attrs'
-    __init__ and the decoder below create instance dicts, both in declaration
-    order.
+    values of the last one. Reading the values by name leaves the order of the
+    instance dict free, which lets the decoder make the decoded map that dict.
     """
     maps: list[str] = []
 
@@ -182,29 +176,12 @@ def _encoder_factory(
         ]
 
     body = ["    def function(message):", "        values = message.__dict__"]
-    count = len(layout.items)
-    head = b""
-    present: list[str] = []
-    if layout.cls is not HistoryPage and not layout.renamed and count + 1 < 16:
-        # Up to 15 pairs take a one-byte fixmap header: 0x80 plus the count.
-        head = bytes([0x80 | (count + 1)]) + msgpack.packb("t")
-        head += msgpack.packb(layout.tag)
-        present = [f"values[{wire!r}] is not None" for wire in layout.omit_if_none]
-        if not present:
-            body.append("        return head + pack(values)[1:]")
-        else:
-            body += [
-                f"        if {' and '.join(present)}:",
-                "            return head + pack(values)[1:]",
-            ]
-    if not head or present:
-        body += ["    " + line for line in _branches(layout, leaf)]
+    body += ["    " + line for line in _branches(layout, leaf)]
 
     lines = ["def function(pack):", *maps, *body, "    return function"]
-    namespace = {"head": head, "entry_map": entry_map}
     return cast(
         "Callable[[Callable[[Any], bytes]], _Encoder]",
-        _run("\n".join(lines), namespace),
+        _run("\n".join(lines), {"entry_map": entry_map}),
     )
 
 
@@ -257,26 +234,18 @@ def _fast_decoder(layout: _Layout) -> Callable[[dict[str, Any]], Any] | None:
             lines.append(f"    v_{name} = data.get({wire!r}, {field.default!r})")
         tests.append(_accepts_source(f"v_{name}", cast("ScalarCheck", field.validator)))
 
+    # The decoded map becomes the instance dict once its keys are the attribute
+    # names and it holds every field: the encoders read values by name, so the
+    # order of its keys does not matter.
     lines.append(f"    if {' and '.join(tests)}:")
-    if layout.renamed:
-        # The encoder of a class with renamed fields builds its map key by key,
-        # so the instance dict's order does not matter: the decoded map becomes
-        # the instance dict once its keys are the attribute names.
-        for (wire, name), field in zip(layout.items, fields, strict=True):
-            if wire != name:
-                lines.append(f"        del data[{wire!r}]")
-            if wire != name or field.default is not attrs.NOTHING:
-                lines.append(f"        data[{name!r}] = v_{name}")
-        values = "data"
-    else:
-        # A fresh dict keeps the instance dict in declaration order, which the
-        # encoder relies on, whatever the order of the keys on the wire.
-        values = (
-            "{" + ", ".join(f"{name!r}: v_{name}" for _, name in layout.items) + "}"
-        )
+    for (wire, name), field in zip(layout.items, fields, strict=True):
+        if wire != name:
+            lines.append(f"        del data[{wire!r}]")
+        if wire != name or field.default is not attrs.NOTHING:
+            lines.append(f"        data[{name!r}] = v_{name}")
     lines += [
         "        message = new(cls)",
-        f"        set_dict(message, {values})",
+        "        set_dict(message, data)",
         "        return message",
         "    return None",
     ]

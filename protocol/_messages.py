@@ -61,9 +61,9 @@ __all__ = [
 # the fields in the order declared here (docs/protocol.md, "Key order").
 #
 # The classes keep their fields in an instance __dict__ rather than slots: the
-# codec packs that dict as the wire map where attribute and wire names agree,
-# and sets it directly when a decoded map passed the same checks the validators
-# make, which keeps a round trip close to the cost of msgpack itself.
+# codec reads the values from that dict, and makes a decoded map that passed the
+# same checks the validators make the dict itself, which keeps a round trip
+# close to the cost of msgpack itself.
 
 _check_offset = check_int()
 _check_version = check_int(1, 2**32)
