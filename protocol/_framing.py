@@ -122,6 +122,12 @@ class FrameDecoder:
     def _next_frame_slowly(self) -> bytes | None:
         buffered = self.buffered
         if buffered < _PREFIX:
+            # A reader asks until it gets None: once every byte was returned,
+            # an idle connection keeps no received bytes alive.
+            if not buffered:
+                self._data = b""
+                self._at = 0
+                self._pending.clear()
             return None
         if len(self._data) - self._at < _PREFIX:
             self._join_pending()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 import threading
 from typing import Any
 
@@ -105,3 +106,16 @@ def test_fast_decoding_accepts_exactly_what_the_constructor_accepts(
         decoded = None
 
     assert decoded == expected
+
+
+def test_a_drained_frame_decoder_keeps_no_reference_to_the_bytes_fed() -> None:
+    chunk = protocol.encode_frame(protocol.Ping(n=1)) * 3
+    before = sys.getrefcount(chunk)
+    decoder = protocol.FrameDecoder()
+
+    decoder.feed(chunk)
+    assert sys.getrefcount(chunk) > before
+    while decoder.next_frame() is not None:
+        pass
+
+    assert sys.getrefcount(chunk) == before
