@@ -94,7 +94,8 @@ class ServerProcess:
     host: str
     port: int
     secret: str
-    pid: int
+    pid: int | None
+    """None for a server the bench did not start and cannot see."""
 
 
 def _wait_listening(process: subprocess.Popen[bytes], host: str, port: int) -> None:

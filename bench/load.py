@@ -149,7 +149,9 @@ def run_load(
             for name, moment in (("start", measure_ns), ("end", end_ns)):
                 if name not in cpu_at and now >= moment:
                     cpu_at[name] = {
-                        pid: cpu_seconds(pid) for pid in [*pids, server.pid]
+                        pid: cpu_seconds(pid)
+                        for pid in [*pids, server.pid]
+                        if pid is not None
                     }
             while not progress_queue.empty():
                 worker, count, _ = progress_queue.get()
@@ -191,7 +193,7 @@ def _summarise(
     results: list[dict[str, Any]],
     cpu_at: dict[str, dict[int, float]],
     pids: list[int],
-    server_pid: int,
+    server_pid: int | None,
     **parameters: Any,
 ) -> dict[str, Any]:
     duration = float(parameters["duration"])
@@ -240,7 +242,9 @@ def _summarise(
                 sum(percent(pid) for pid in pids), 1
             ),
             "generator_per_worker": [percent(pid) for pid in pids],
-            "server_percent_of_one_core": percent(server_pid),
+            "server_percent_of_one_core": None
+            if server_pid is None
+            else percent(server_pid),
         }
 
     e2e = _merge([r["e2e"] for r in results])
@@ -316,7 +320,8 @@ def summary(figures: dict[str, Any]) -> str:
         server = cpu["server_percent_of_one_core"]
         lines.append(
             f"  CPU (100% = one core): generator {generator}% "
-            f"{cpu['generator_per_worker']}, server {server}%"
+            f"{cpu['generator_per_worker']}, server "
+            + ("not seen (give --server-pid)" if server is None else f"{server}%")
         )
     return "\n".join(lines)
 
@@ -421,7 +426,9 @@ def _server(args: argparse.Namespace) -> Iterator[ServerProcess]:
         host, _, port = args.connect.rpartition(":")
         if not args.secret:
             raise SystemExit("--connect needs --secret to mint client tokens")
-        yield ServerProcess(host=host, port=int(port), secret=args.secret, pid=0)
+        yield ServerProcess(
+            host=host, port=int(port), secret=args.secret, pid=args.server_pid
+        )
         return
     options = [
         f"--max-connections={2 * args.connections + 100}",
@@ -498,6 +505,11 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--connect", metavar="HOST:PORT", help="a running server")
     target.add_argument(
         "--secret", default="", help="its token secret (with --connect)"
+    )
+    target.add_argument(
+        "--server-pid",
+        type=int,
+        help="its process id, to report its CPU (with --connect, same machine)",
     )
     target.add_argument(
         "--backplane", choices=("embedded", "kafka"), default="embedded"
