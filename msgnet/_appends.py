@@ -10,13 +10,19 @@ import trio
 import protocol
 from protocol import ErrorCode
 
-from ._backplane import Backplane, BackplaneUnavailable
+from ._backplane import Appending, Backplane, BackplaneUnavailable
 from ._catchup import delivery_of
 from ._context import ServerContext
 from ._records import InboxRecord
 from ._requests import FRAME_OVERHEAD, Refused, members_of
 
-__all__ = ["AppendFailed", "append_copies", "inbox_copies"]
+__all__ = [
+    "AppendFailed",
+    "PendingSend",
+    "inbox_copies",
+    "settled",
+    "submit_copies",
+]
 
 
 class AppendFailed(Exception):
@@ -76,53 +82,76 @@ def _deliverable(record: InboxRecord, limit: int) -> bool:
     return len(protocol.encode_message(largest)) + 64 <= limit
 
 
-async def append_copies(
+@attrs.define(eq=False)
+class PendingSend:
+    """A send whose copies were handed to the log; answered once they settle."""
+
+    id: str
+    """The client's message id, for the answer."""
+    ts: int
+    partitions: list[int]
+    """The partition of each copy, in the order submitted."""
+    appending: Appending
+    received: float
+    """trio time the send was read, for the acknowledgement latency."""
+    deadline: float
+    """trio time after which the send is refused as unavailable."""
+
+
+def submit_copies(
     backplane: Backplane,
     record: InboxRecord,
     by_partition: dict[int, list[str]],
     *,
+    received: float,
     timeout: float,
-) -> list[tuple[int, int]]:
-    """Append one copy per partition; return their positions once all are durable.
+) -> PendingSend:
+    """Hand the log one copy per partition at once, without waiting for them.
 
-    Raises ``AppendFailed`` naming each copy that failed or timed out: the
-    client retries with the same id, and copies that did land are then
-    duplicates its recipients drop.
+    Raises ``AppendFailed`` if the log takes nothing (closed or failed).
     """
-    positions: list[tuple[int, int]] = []
-    failed: list[str] = []
-    settled: set[int] = set()
-
-    async def append(partition: int, users: list[str]) -> None:
-        copy = attrs.evolve(record, recipients=tuple(users))
-        try:
-            offset = await backplane.append(partition, users[0].encode(), copy.encode())
-        except BackplaneUnavailable as exc:
-            failed.append(f"partition {partition}: {exc}")
-        else:
-            positions.append((partition, offset))
-        # Not reached when the deadline cancels the append.
-        settled.add(partition)
-
-    # One deadline for all copies, and the first copy appended by this task
-    # rather than a child: scopes and task starts are a large part of a
-    # message's cost, and the copies are appended at the same time anyway.
-    copies = list(by_partition.items())
-    with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
-        if len(copies) == 1:
-            await append(*copies[0])
-        else:
-            async with trio.open_nursery() as nursery:
-                for partition, users in copies[1:]:
-                    nursery.start_soon(append, partition, users)
-                await append(*copies[0])
-    if deadline.cancelled_caught:
-        failed.extend(
-            f"partition {partition}: timed out"
-            for partition, _ in copies
-            if partition not in settled
+    copies = [
+        (
+            partition,
+            users[0].encode(),
+            attrs.evolve(record, recipients=tuple(users)).encode(),
         )
-    if failed:
-        raise AppendFailed("; ".join(failed))
-    positions.sort()
-    return positions
+        for partition, users in by_partition.items()
+    ]
+    try:
+        appending = backplane.submit(copies)
+    except BackplaneUnavailable as exc:
+        raise AppendFailed(str(exc)) from None
+    return PendingSend(
+        id=record.id,
+        ts=record.ts,
+        partitions=list(by_partition),
+        appending=appending,
+        received=received,
+        deadline=received + timeout,
+    )
+
+
+async def settled(pending: PendingSend) -> list[tuple[int, int]]:
+    """The copies' (partition, offset) positions, once all of them are durable.
+
+    Raises ``AppendFailed`` if some copy failed or did not settle by the
+    deadline: the client retries with the same id, and copies that did land
+    are then duplicates its recipients drop.
+    """
+    try:
+        if pending.appending.settled():
+            offsets = await pending.appending.offsets()
+        else:
+            # A scope only when there is something to wait for: a run of sends
+            # that one transaction made durable costs no scope after the first.
+            with trio.move_on_at(pending.deadline) as deadline:
+                offsets = await pending.appending.offsets()
+            if deadline.cancelled_caught:
+                raise AppendFailed(
+                    f"the log did not confirm the append to partitions "
+                    f"{pending.partitions} in time"
+                )
+    except BackplaneUnavailable as exc:
+        raise AppendFailed(str(exc)) from None
+    return sorted(zip(pending.partitions, offsets, strict=True))

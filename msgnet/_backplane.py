@@ -41,6 +41,27 @@ class LogRecord:
     """When the log accepted it, in milliseconds since the Unix epoch."""
 
 
+Append = tuple[int, bytes, bytes]
+"""One record to append: (partition, key, value)."""
+
+
+class Appending(Protocol):
+    """Records handed to the log by ``Backplane.submit``, on their way to disk."""
+
+    def settled(self) -> bool:
+        """Whether the outcome is known, so ``offsets`` returns without waiting."""
+        ...
+
+    async def offsets(self) -> list[int]:
+        """Their offsets, in the order submitted, once every one is durable.
+
+        Raises ``BackplaneUnavailable`` if the durability of any is unknown or
+        refused; those that did land stay in the log. If the wait is cancelled
+        before the records were written, the log may skip them.
+        """
+        ...
+
+
 class Backplane(Protocol):
     """What msgnet needs from a pub/sub log; Kafka and the embedded log implement it.
 
@@ -52,6 +73,16 @@ class Backplane(Protocol):
     @property
     def partitions(self) -> int:
         """How many partitions the inbox log has; fixed for the log's lifetime."""
+        ...
+
+    def submit(self, records: Sequence[Append]) -> Appending:
+        """Hand records to the log at once, in order, without waiting for them.
+
+        Records submitted earlier are written earlier in each partition, so a
+        caller that submits in order and then waits keeps its order while many
+        of its records are in flight. Raises ``BackplaneUnavailable`` if the
+        log is closed or has failed.
+        """
         ...
 
     async def append(self, partition: int, key: bytes, value: bytes) -> int:
@@ -128,6 +159,16 @@ def check_offset(offset: int) -> None:
         raise TypeError(f"offset must be an int, not {offset!r}")
     if offset < 0:
         raise ValueError(f"offset must not be negative, not {offset!r}")
+
+
+def check_appends(records: Sequence[Append], partitions: int, where: str) -> None:
+    """Refuse a submission that is empty or holds a malformed record."""
+    if not records:
+        raise ValueError("submit needs at least one record")
+    for partition, key, value in records:
+        check_partition(partition, partitions, where)
+        check_bytes("key", key)
+        check_bytes("value", value)
 
 
 def check_bytes(name: str, data: bytes) -> None:

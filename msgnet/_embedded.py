@@ -17,9 +17,10 @@ import attrs
 import trio
 
 from ._backplane import (
+    Append,
     BackplaneUnavailable,
     LogRecord,
-    check_bytes,
+    check_appends,
     check_group,
     check_offset,
     check_partition,
@@ -183,15 +184,33 @@ def _read(
 
 @attrs.define(eq=False)
 class _PendingAppend:
-    """An append waiting for the transaction that makes it durable."""
+    """Submitted records waiting for the transaction that makes them durable."""
 
-    partition: int
-    key: bytes
-    value: bytes
+    records: Sequence[Append]
     done: trio.Event = attrs.field(factory=trio.Event)
-    offset: int | None = None
+    written: list[int] | None = None
+    """The records' offsets, once their transaction committed."""
     failure: str | None = None
     abandoned: bool = False
+
+    def settled(self) -> bool:
+        """``Appending.settled``."""
+        return self.done.is_set()
+
+    async def offsets(self) -> list[int]:
+        """``Appending.offsets``: waits for the transaction, if it has not ended."""
+        # No checkpoint when the outcome is known: a session answering a run
+        # of sends that one transaction made durable does not yield per send.
+        if not self.done.is_set():
+            try:
+                await self.done.wait()
+            except BaseException:
+                # Skipped by the writer if its transaction has not started yet.
+                self.abandoned = True
+                raise
+        if self.written is None:
+            raise BackplaneUnavailable(self.failure)
+        return self.written
 
 
 @attrs.define(eq=False)
@@ -247,6 +266,20 @@ class EmbeddedBackplane:
         """How many partitions the log has; stored with the log when it is created."""
         return self._partitions
 
+    def submit(self, records: Sequence[Append]) -> _PendingAppend:
+        """Queue records for the next transaction; ``Backplane.submit``.
+
+        Raises ``BackplaneUnavailable`` if the backplane is closed or failed. A
+        wait on the result that is cancelled before the records' transaction
+        started appends none of them.
+        """
+        check_appends(records, self._partitions, "the embedded log")
+        self._check_writable()
+        pending = _PendingAppend(records)
+        self._pending_appends.append(pending)
+        self._work_ready.set()
+        return pending
+
     async def append(self, partition: int, key: bytes, value: bytes) -> int:
         """Append one record and return its offset once its transaction committed.
 
@@ -254,24 +287,8 @@ class EmbeddedBackplane:
         the record's transaction starts, or failed to write. A cancelled call
         whose record was not yet taken into a transaction appends nothing.
         """
-        self._check_partition(partition)
-        check_bytes("key", key)
-        check_bytes("value", value)
-        self._check_writable()
-
-        pending = _PendingAppend(partition, key, value)
-        self._pending_appends.append(pending)
-        self._work_ready.set()
-        try:
-            await pending.done.wait()
-        except BaseException:
-            # Skipped by the writer if its transaction has not started yet.
-            pending.abandoned = True
-            raise
-
-        if pending.offset is None:
-            raise BackplaneUnavailable(pending.failure)
-        return pending.offset
+        offsets = await self.submit([(partition, key, value)]).offsets()
+        return offsets[0]
 
     async def read(
         self, partition: int, offset: int, *, max_records: int = 500
@@ -376,10 +393,7 @@ class EmbeddedBackplane:
 
                 # 2. Take a batch and give its records their offsets; the
                 # offsets become real only if the transaction commits.
-                appends = [
-                    a for a in self._pending_appends[:MAX_BATCH] if not a.abandoned
-                ]
-                del self._pending_appends[:MAX_BATCH]
+                appends = self._take_appends()
                 commits, self._pending_commits = self._pending_commits, []
                 records = self._number(appends)
 
@@ -423,21 +437,34 @@ class EmbeddedBackplane:
             self._fail_pending()
             self._writer_done.set()
 
+    def _take_appends(self) -> list[_PendingAppend]:
+        """Submissions for one transaction: whole ones, about MAX_BATCH records."""
+        count = taken = 0
+        for pending in self._pending_appends:
+            if count >= MAX_BATCH:
+                break
+            count += len(pending.records)
+            taken += 1
+        batch = self._pending_appends[:taken]
+        del self._pending_appends[:taken]
+        return [pending for pending in batch if not pending.abandoned]
+
     def _number(self, appends: Sequence[_PendingAppend]) -> list[LogRecord]:
         next_offsets = list(self._end_offsets)
         timestamp_ms = time.time_ns() // 1_000_000
         records = []
         for append in appends:
-            records.append(
-                LogRecord(
-                    partition=append.partition,
-                    offset=next_offsets[append.partition],
-                    key=append.key,
-                    value=append.value,
-                    timestamp_ms=timestamp_ms,
+            for partition, key, value in append.records:
+                records.append(
+                    LogRecord(
+                        partition=partition,
+                        offset=next_offsets[partition],
+                        key=key,
+                        value=value,
+                        timestamp_ms=timestamp_ms,
+                    )
                 )
-            )
-            next_offsets[append.partition] += 1
+                next_offsets[partition] += 1
         return records
 
     def _publish(
@@ -447,11 +474,13 @@ class EmbeddedBackplane:
         commits: Sequence[_PendingCommit],
     ) -> None:
         touched = set()
-        for record, append in zip(records, appends, strict=True):
+        for record in records:
             self._end_offsets[record.partition] = record.offset + 1
             self._tails[record.partition].append(record)
             touched.add(record.partition)
-            append.offset = record.offset
+        numbered = iter(records)
+        for append in appends:
+            append.written = [next(numbered).offset for _ in range(len(append.records))]
             append.done.set()
 
         for commit in commits:

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import trio
@@ -20,9 +20,10 @@ from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsEr
 from kafka.structs import OffsetAndMetadata
 
 from ._backplane import (
+    Append,
     BackplaneUnavailable,
     LogRecord,
-    check_bytes,
+    check_appends,
     check_group,
     check_offset,
     check_partition,
@@ -145,14 +146,26 @@ def create_inbox_topic(
 
 @attrs.define(eq=False)
 class _PendingAppend:
-    """An append handed to the producer, waiting for Kafka's acknowledgement."""
+    """Submitted records handed to the producer, waiting for Kafka's acks."""
 
-    partition: int
-    key: bytes
-    value: bytes
+    records: Sequence[Append]
+    written: list[int | None]
+    """Each record's offset, once acknowledged."""
+    unacknowledged: int
     done: trio.Event = attrs.field(factory=trio.Event)
-    offset: int | None = None
     failure: str | None = None
+
+    def settled(self) -> bool:
+        """``Appending.settled``."""
+        return self.done.is_set()
+
+    async def offsets(self) -> list[int]:
+        """``Appending.offsets``: waits for every record's acknowledgement."""
+        if not self.done.is_set():
+            await self.done.wait()
+        if self.failure is not None:
+            raise BackplaneUnavailable(self.failure)
+        return cast("list[int]", self.written)
 
 
 @attrs.define(eq=False)
@@ -217,7 +230,7 @@ class KafkaBackplane:
 
         self._outbox: queue.SimpleQueue[_PendingAppend | None] = queue.SimpleQueue()
         self._unsettled: set[_PendingAppend] = set()
-        self._outcomes: list[tuple[_PendingAppend, int | None, str | None]] = []
+        self._outcomes: list[tuple[_PendingAppend, int, int | None, str | None]] = []
         self._outcomes_lock = threading.Lock()
         self._outcomes_scheduled = False
         self._sender = threading.Thread(
@@ -244,6 +257,21 @@ class KafkaBackplane:
         """The topic's partition count, checked when the backplane was opened."""
         return self._partitions
 
+    def submit(self, records: Sequence[Append]) -> _PendingAppend:
+        """Hand records to the producer's queue; ``Backplane.submit``.
+
+        Raises ``BackplaneUnavailable`` if the backplane is closed. A record
+        whose wait is cancelled may still be appended.
+        """
+        check_appends(records, self._partitions, f"topic {self._topic}")
+        self._check_open()
+        pending = _PendingAppend(
+            records, written=[None] * len(records), unacknowledged=len(records)
+        )
+        self._unsettled.add(pending)
+        self._outbox.put(pending)
+        return pending
+
     async def append(self, partition: int, key: bytes, value: bytes) -> int:
         """Append one record and return its offset once every in-sync replica has it.
 
@@ -251,19 +279,8 @@ class KafkaBackplane:
         it within the delivery timeout, or if the backplane is closed. A
         cancelled call may still have appended its record.
         """
-        self._check_partition(partition)
-        check_bytes("key", key)
-        check_bytes("value", value)
-        self._check_open()
-
-        pending = _PendingAppend(partition, key, value)
-        self._unsettled.add(pending)
-        self._outbox.put(pending)
-        await pending.done.wait()
-
-        if pending.offset is None:
-            raise BackplaneUnavailable(pending.failure)
-        return pending.offset
+        offsets = await self.submit([(partition, key, value)]).offsets()
+        return offsets[0]
 
     async def read(
         self, partition: int, offset: int, *, max_records: int = 500
@@ -369,8 +386,7 @@ class KafkaBackplane:
             # Acknowledgements reported while the producer flushed were queued
             # on the trio token before the thread above returned, so they have
             # run; what is left was never confirmed.
-            for pending in list(self._unsettled):
-                self._settle(pending, None, self._closed_message())
+            self._fail_unsettled()
             self._closed.set()
             logger.info("Kafka backplane on topic %s closed", self._topic)
 
@@ -378,26 +394,26 @@ class KafkaBackplane:
 
     def _send_loop(self) -> None:
         while (pending := self._outbox.get()) is not None:
-            if self._producer_failed.is_set():
-                self._replace_producer()
-            try:
-                future = self._producer.send(
-                    self._topic,
-                    key=pending.key,
-                    value=pending.value,
-                    partition=pending.partition,
-                )
-            except Exception as exc:
-                # send() raises for a full buffer or unknown metadata past
-                # max_block_ms, or a producer closed under it.
-                self._settle_soon(pending, None, f"Kafka refused the record: {exc!r}")
-                self._producer_failed.set()
-                continue
-            future.add_callback(self._on_delivered, pending)
-            future.add_errback(self._on_failed, pending)
+            for index, (partition, key, value) in enumerate(pending.records):
+                if self._producer_failed.is_set():
+                    self._replace_producer()
+                try:
+                    future = self._producer.send(
+                        self._topic, key=key, value=value, partition=partition
+                    )
+                except Exception as exc:
+                    # send() raises for a full buffer or unknown metadata past
+                    # max_block_ms, or a producer closed under it.
+                    self._settle_soon(
+                        pending, index, None, f"Kafka refused the record: {exc!r}"
+                    )
+                    self._producer_failed.set()
+                    continue
+                future.add_callback(self._on_delivered, pending, index)
+                future.add_errback(self._on_failed, pending, index)
 
-    def _on_delivered(self, pending: _PendingAppend, metadata: Any) -> None:
-        self._settle_soon(pending, metadata.offset, None)
+    def _on_delivered(self, pending: _PendingAppend, index: int, metadata: Any) -> None:
+        self._settle_soon(pending, index, metadata.offset, None)
 
     def _replace_producer(self) -> None:
         """Start over with a new producer after one failed to deliver.
@@ -430,20 +446,29 @@ class KafkaBackplane:
             daemon=True,
         ).start()
 
-    def _on_failed(self, pending: _PendingAppend, exc: BaseException) -> None:
+    def _on_failed(
+        self, pending: _PendingAppend, index: int, exc: BaseException
+    ) -> None:
         self._producer_failed.set()
         self._settle_soon(
-            pending, None, f"Kafka did not confirm the append to {self._topic}: {exc!r}"
+            pending,
+            index,
+            None,
+            f"Kafka did not confirm the append to {self._topic}: {exc!r}",
         )
 
     def _settle_soon(
-        self, pending: _PendingAppend, offset: int | None, failure: str | None
+        self,
+        pending: _PendingAppend,
+        index: int,
+        offset: int | None,
+        failure: str | None,
     ) -> None:
         # Called from kafka-python's threads: only the trio thread may touch the
         # pending append's event. Outcomes are collected and handed over in
         # batches, one trio wake-up for all that arrived meanwhile.
         with self._outcomes_lock:
-            self._outcomes.append((pending, offset, failure))
+            self._outcomes.append((pending, index, offset, failure))
             if self._outcomes_scheduled:
                 return
             self._outcomes_scheduled = True
@@ -458,18 +483,32 @@ class KafkaBackplane:
         with self._outcomes_lock:
             outcomes, self._outcomes = self._outcomes, []
             self._outcomes_scheduled = False
-        for pending, offset, failure in outcomes:
-            self._settle(pending, offset, failure)
+        for pending, index, offset, failure in outcomes:
+            self._settle(pending, index, offset, failure)
 
     def _settle(
-        self, pending: _PendingAppend, offset: int | None, failure: str | None
+        self,
+        pending: _PendingAppend,
+        index: int,
+        offset: int | None,
+        failure: str | None,
     ) -> None:
         if pending not in self._unsettled:
             return
-        self._unsettled.discard(pending)
-        pending.offset = offset
-        pending.failure = failure
-        pending.done.set()
+        pending.written[index] = offset
+        if failure is not None and pending.failure is None:
+            pending.failure = failure
+        pending.unacknowledged -= 1
+        if pending.unacknowledged == 0:
+            self._unsettled.discard(pending)
+            pending.done.set()
+
+    def _fail_unsettled(self) -> None:
+        for pending in self._unsettled:
+            if pending.failure is None:
+                pending.failure = self._closed_message()
+            pending.done.set()
+        self._unsettled.clear()
 
     # Reading and control calls, run in worker threads.
 

@@ -14,7 +14,7 @@ import trio
 import protocol
 from protocol import ErrorCode
 
-from ._appends import AppendFailed, append_copies, inbox_copies
+from ._appends import AppendFailed, PendingSend, inbox_copies, settled, submit_copies
 from ._auth import AuthError, verify_token
 from ._backplane import BackplaneUnavailable
 from ._catchup import RetentionGap, catch_up
@@ -30,6 +30,14 @@ logger = logging.getLogger(__name__)
 
 WRITE_BATCH = 256
 """Frames coalesced into one socket write when a session falls a little behind."""
+
+SEND_WINDOW = 64
+"""Sends of one connection that may wait for the log at once.
+
+The reader hands each send to the log and reads on; the writer answers them
+in order as they become durable. A client that sends in bursts therefore
+fills a log transaction instead of waiting one round trip per message.
+"""
 
 CLOSE_TIMEOUT = 2.0
 """Seconds spent telling a peer why it is dropped before giving up on it."""
@@ -51,9 +59,11 @@ class SessionEnded(Exception):
 class Session:
     """Serves one connected device from handshake to close.
 
-    Three tasks share the connection: the reader handles requests one at a
-    time, so a sender's messages reach the log in the order it sent them; the
-    writer owns the sending side (catch-up first, then everything queued); the
+    Three tasks share the connection: the reader handles requests in the order
+    they arrive and hands sends to the log without waiting for them (up to
+    ``SEND_WINDOW``), so a sender's messages reach the log in the order it sent
+    them; the writer owns the sending side (catch-up first, then everything
+    queued, answering each send once it is durable); the
     pinger keeps an idle connection honest. Whatever ends the session fatally
     records why and cancels all three; the Error frame is written after they
     stop, so two tasks never write at once.
@@ -69,8 +79,14 @@ class Session:
         self.device = ""
         self._owner: PartitionOwner | None = None
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[
-            protocol.Message
+            protocol.Message | PendingSend
         ](context.config.outbound_queue)
+        self._in_flight = 0
+        """Sends handed to the log and not yet answered by the writer."""
+        self._answered: trio.Event | None = None
+        """Set by the writer when it answers a send while the reader waits."""
+        self._peer_left = False
+        """The peer said goodbye: answers still settle, but are not written."""
         self._scope = trio.CancelScope()
         self._receive_scope = trio.CancelScope()
         self._stopping = False
@@ -346,6 +362,10 @@ class Session:
             self._last_heard = trio.current_time()
 
             if isinstance(message, protocol.Goodbye):
+                # Sends read before the goodbye still reach the log, but
+                # nothing more may be written to a peer that said goodbye.
+                self._peer_left = True
+                await self._wait_for_sends(0)
                 return True
             if isinstance(message, protocol.Error):
                 logger.debug(
@@ -360,7 +380,7 @@ class Session:
             await self._handlers[type(message)](message)
         return False
 
-    async def _reply(self, message: protocol.Message) -> None:
+    async def _reply(self, message: protocol.Message | PendingSend) -> None:
         await self._outbox_send.send(message)
 
     async def _refuse(
@@ -380,7 +400,7 @@ class Session:
     # --- requests --------------------------------------------------------------
 
     async def _on_send(self, send: protocol.Send | protocol.GroupSend) -> None:
-        """Append the message's copies; acknowledge only once all are durable."""
+        """Hand the message's copies to the log; the writer acknowledges them."""
         if not self._bucket.try_take():
             await self._refuse(
                 ErrorCode.RATE_LIMITED,
@@ -395,32 +415,59 @@ class Session:
             record, by_partition = await inbox_copies(
                 context, self.user, self.session_id, send
             )
-            positions = await append_copies(
+            await self._wait_for_sends(SEND_WINDOW - 1)
+            pending = submit_copies(
                 context.backplane,
                 record,
                 by_partition,
+                received=received,
                 timeout=self._config.append_timeout,
             )
         except Refused as refused:
             await self._refuse(refused.code, refused.text, message_id=send.id)
             return
         except AppendFailed as failed:
-            logger.warning(
-                "append failed session=%s id=%s: %s", self.session_id, send.id, failed
-            )
-            await self._refuse(
-                ErrorCode.UNAVAILABLE,
-                "the message log is unavailable; the message was not accepted, "
-                "retry with the same id",
-                message_id=send.id,
-            )
+            await self._reply(self._unavailable(send.id, failed))
             return
+        self._in_flight += 1
+        await self._reply(pending)
 
-        context.metrics.messages_in.inc()
-        context.metrics.ack_latency.observe(trio.current_time() - received)
-        await self._reply(
-            protocol.SendAck(id=send.id, ts=record.ts, positions=positions)
+    async def _wait_for_sends(self, at_most: int) -> None:
+        """Wait until no more than ``at_most`` sends wait for the log."""
+        while self._in_flight > at_most:
+            self._answered = trio.Event()
+            await self._answered.wait()
+
+    def _unavailable(self, message_id: str, failed: AppendFailed) -> protocol.Error:
+        """The refusal of a send whose copies are not known to be durable."""
+        logger.warning(
+            "append failed session=%s id=%s: %s", self.session_id, message_id, failed
         )
+        self._context.metrics.errors.labels(ErrorCode.UNAVAILABLE.value).inc()
+        return protocol.Error(
+            code=ErrorCode.UNAVAILABLE,
+            text="the message log is unavailable; the message was not accepted, "
+            "retry with the same id",
+            fatal=False,
+            id=message_id,
+        )
+
+    async def _answer(self, pending: PendingSend) -> protocol.Message:
+        """The writer's answer to a send: its SendAck once durable, else an Error."""
+        try:
+            positions = await settled(pending)
+        except AppendFailed as failed:
+            answer: protocol.Message = self._unavailable(pending.id, failed)
+        else:
+            metrics = self._context.metrics
+            metrics.messages_in.inc()
+            metrics.ack_latency.observe(trio.current_time() - pending.received)
+            answer = protocol.SendAck(id=pending.id, ts=pending.ts, positions=positions)
+        self._in_flight -= 1
+        if self._answered is not None:
+            self._answered.set()
+            self._answered = None
+        return answer
 
     async def _on_request(self, request: Request) -> None:
         """History and group requests: answered in order, refused without harm."""
@@ -457,23 +504,38 @@ class Session:
         if catch_up_from < live_from:
             await self._catch_up(catch_up_from, live_from)
 
-        metrics = self._context.metrics
         receive = self._outbox_receive
         while True:
-            batch = [await receive.receive()]
-            # Nothing may follow a Goodbye, not even a delivery offered after it.
-            while len(batch) < WRITE_BATCH and type(batch[-1]) is not protocol.Goodbye:
+            batch: list[protocol.Message] = []
+            item = await receive.receive()
+            while True:
+                if isinstance(item, PendingSend):
+                    if batch and not item.appending.settled():
+                        # Write what is ready before waiting for the log.
+                        await self._flush(batch)
+                        batch = []
+                    batch.append(await self._answer(item))
+                else:
+                    batch.append(item)
+                # Nothing may follow a Goodbye, not even a delivery offered after it.
+                if len(batch) >= WRITE_BATCH or type(item) is protocol.Goodbye:
+                    break
                 try:
-                    batch.append(receive.receive_nowait())
+                    item = receive.receive_nowait()
                 except trio.WouldBlock:
                     break
-            await self._send_frames(batch)
-            metrics.messages_out.inc(
-                sum(1 for message in batch if isinstance(message, protocol.Deliver))
-            )
-            if isinstance(batch[-1], protocol.Goodbye):
+            await self._flush(batch)
+            if type(item) is protocol.Goodbye:
                 self._said_goodbye.set()
                 return
+
+    async def _flush(self, batch: list[protocol.Message]) -> None:
+        if self._peer_left:
+            return
+        await self._send_frames(batch)
+        self._context.metrics.messages_out.inc(
+            sum(1 for message in batch if type(message) is protocol.Deliver)
+        )
 
     async def _catch_up(self, start: int, end: int) -> None:
         """Send what this device missed before live delivery (``catch_up``)."""

@@ -249,6 +249,56 @@ async def test_concurrent_appends_get_distinct_offsets_and_are_all_readable(
         }
 
 
+async def test_submit_returns_each_records_offset_in_the_order_given(
+    backplane: Backplane,
+) -> None:
+    await backplane.append(1, b"k", b"before")
+
+    appending = backplane.submit([(0, b"a", b"first"), (1, b"b", b"second")])
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        assert await appending.offsets() == [0, 1]
+    assert appending.settled()
+
+    assert [r.value for r in await _read_all(backplane, 1)] == [b"before", b"second"]
+
+
+async def test_submissions_keep_their_order_while_many_are_in_flight(
+    backplane: Backplane,
+) -> None:
+    """What a session relies on to pipeline a client's sends."""
+    submitted = [backplane.submit([(2, b"k", bytes([i]))]) for i in range(100)]
+
+    with trio.fail_after(HANG_GUARD_SECONDS):
+        offsets = [(await appending.offsets())[0] for appending in submitted]
+
+    assert offsets == list(range(100))
+    assert [r.value for r in await _read_all(backplane, 2)] == [
+        bytes([i]) for i in range(100)
+    ]
+
+
+async def test_submit_refuses_bad_records_before_taking_any(
+    backplane: Backplane,
+) -> None:
+    with pytest.raises(ValueError, match="at least one record"):
+        backplane.submit([])
+    with pytest.raises(ValueError, match=f"partition {PARTITIONS}"):
+        backplane.submit([(0, b"k", b"v"), (PARTITIONS, b"k", b"v")])
+    with pytest.raises(TypeError, match="must be bytes"):
+        backplane.submit([(0, b"k", "text")])  # type: ignore[list-item]
+
+    assert await backplane.end_offset(0) == 0
+
+
+async def test_submit_after_close_raises_backplane_unavailable(
+    backplane: Backplane,
+) -> None:
+    await backplane.aclose()
+
+    with pytest.raises(BackplaneUnavailable):
+        backplane.submit([(0, b"k", b"v")])
+
+
 async def test_committed_is_none_before_any_commit(backplane: Backplane) -> None:
     assert await backplane.committed("readers", 0) is None
 

@@ -71,22 +71,31 @@ async def test_messages_acknowledged_before_a_restart_are_delivered_after_it(
 async def test_shutdown_finishes_the_send_in_hand_then_says_goodbye(
     tmp_path: Path,
 ) -> None:
-    """The append is held open until the shutdown has begun."""
+    """The send's append is held open until the shutdown has begun."""
     async with durable_server(tmp_path) as server:
         async with client(server, "bob") as bob:
             cursor = bob.cursor
 
         backplane: Any = server.context.backplane
-        original = backplane.append
+        original = backplane.submit
         entered, release = trio.Event(), trio.Event()
 
-        async def held_append(partition: int, key: bytes, value: bytes) -> int:
-            entered.set()
-            await release.wait()
-            offset: int = await original(partition, key, value)
-            return offset
+        class Held:
+            """The log's answer to the send, withheld until ``release``."""
 
-        backplane.append = held_append
+            def __init__(self, appending: Any) -> None:
+                self.appending = appending
+
+            def settled(self) -> bool:
+                return release.is_set() and bool(self.appending.settled())
+
+            async def offsets(self) -> list[int]:
+                entered.set()
+                await release.wait()
+                offsets: list[int] = await self.appending.offsets()
+                return offsets
+
+        backplane.submit = lambda records: Held(original(records))
         raw = RawConnection(await trio.open_tcp_stream(server.host, server.port))
         async with raw.stream:
             assert isinstance(await raw.hello("alice"), protocol.Welcome)
@@ -99,7 +108,7 @@ async def test_shutdown_finishes_the_send_in_hand_then_says_goodbye(
                 await trio.testing.wait_all_tasks_blocked()
                 release.set()
                 replies = [await raw.receive() for _ in range(3)]
-        backplane.append = original
+        backplane.submit = original
 
     assert isinstance(replies[0], protocol.SendAck)
     assert replies[0].id == "in-flight"
