@@ -51,12 +51,16 @@ class SessionEnded(Exception):
 class Session:
     """Serves one connected device from handshake to close.
 
-    Three tasks share the connection: the reader handles requests one at a
-    time, so a sender's messages reach the log in the order it sent them; the
-    writer owns the sending side (catch-up first, then everything queued); the
-    pinger keeps an idle connection honest. Whatever ends the session fatally
-    records why and cancels all three; the Error frame is written after they
-    stop, so two tasks never write at once.
+    Two tasks share the connection: the reader handles requests one at a
+    time, so a sender's messages reach the log in the order it sent them, and
+    pings a quiet client; the writer owns the sending side (catch-up first,
+    then everything queued). Whatever ends the session fatally records why and
+    cancels both; the Error frame is written after they stop, so two tasks
+    never write at once.
+
+    An idle session is most of what a busy server holds, so it keeps little:
+    no third task for pings, no per-session handler table, and a rate limit
+    bucket only once the client first sends.
     """
 
     def __init__(self, context: ServerContext, transport: MessageTransport) -> None:
@@ -75,28 +79,10 @@ class Session:
         self._receive_scope = trio.CancelScope()
         self._stopping = False
         self._torn = False
-        self._said_goodbye = trio.Event()
         """A write was cut short: part of a frame went out, so nothing more can."""
         self._failure: SessionEnded | None = None
-        self._last_heard = trio.current_time()
-        self._pings = itertools.count()
-        self._bucket = TokenBucket(
-            rate=self._config.rate_limit,
-            burst=self._config.rate_burst,
-            clock=trio.current_time,
-        )
-        self._handlers: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
-            protocol.Send: self._on_send,
-            protocol.GroupSend: self._on_send,
-            protocol.DeliveryAck: self._on_delivery_ack,
-            protocol.HistoryRequest: self._on_request,
-            protocol.GroupCreate: self._on_request,
-            protocol.GroupJoin: self._on_request,
-            protocol.GroupLeave: self._on_request,
-            protocol.GroupMembers: self._on_request,
-            protocol.Ping: self._on_ping,
-            protocol.Pong: self._on_pong,
-        }
+        self._pings = 0
+        self._bucket: TokenBucket | None = None
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -188,7 +174,6 @@ class Session:
             nursery.start_soon(
                 self._guarded, functools.partial(self._write, catch_up_from, live_from)
             )
-            nursery.start_soon(self._guarded, self._ping_when_idle)
             # The reader is guarded too: its bad input or limit, raised in the
             # nursery's body, would otherwise leave as an exception group and
             # take the whole server down with it.
@@ -198,14 +183,11 @@ class Session:
                 nursery.cancel_scope.cancel()
                 return
             # Server shutdown: let the writer flush what is queued (acks of
-            # in-flight sends included), then end with our own goodbye.
+            # in-flight sends included), then end with our own goodbye. The
+            # writer returns once the goodbye is out, which ends the nursery.
             await self._outbox_send.send(
                 protocol.Goodbye(reason="server shutting down; reconnect to resume")
             )
-            # Then close at once: the pinger would keep the session (and the
-            # shutdown) waiting until the grace period ran out.
-            await self._said_goodbye.wait()
-            nursery.cancel_scope.cancel()
 
     async def _send_fatal(self, failure: SessionEnded) -> None:
         self._context.metrics.errors.labels(failure.code.value).inc()
@@ -324,26 +306,40 @@ class Session:
     # --- reading -------------------------------------------------------------
 
     async def _read(self) -> bool:
-        """Handle requests until goodbye (True) or server shutdown (False)."""
+        """Handle requests until goodbye (True) or server shutdown (False).
+
+        The reader also pings a client that has been quiet for a third of the
+        idle timeout, and again after each further third, so that a live one
+        answers in time. Both transports' receive may be cancelled without
+        losing bytes, so a ping due only interrupts the wait for a frame.
+        """
         idle_timeout = self._config.idle_timeout
+        ping_interval = idle_timeout / 3
         while not self._stopping:
             message: protocol.Message | None = None
-            # A fresh scope per receive: stop() cancels only a receive in
-            # progress, never a request being handled. The same scope carries
-            # the idle deadline; one scope per frame instead of two, because
-            # entering a scope is a large part of a frame's cost.
-            receive = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-            self._receive_scope = receive
-            with receive:
-                message = await self._transport.receive()
-            if receive.cancelled_caught and not self._stopping:
-                raise SessionEnded(
-                    ErrorCode.IDLE_TIMEOUT,
-                    f"nothing received for {idle_timeout:g} seconds",
-                )
+            now = trio.current_time()
+            idle_deadline = now + idle_timeout
+            ping_deadline = now + ping_interval
+            while True:
+                # A fresh scope per receive: stop() cancels only a receive in
+                # progress, never a request being handled. The same scope
+                # carries the next deadline; one scope per frame instead of
+                # two, because entering a scope is a large part of its cost.
+                receive = trio.CancelScope(deadline=min(idle_deadline, ping_deadline))
+                self._receive_scope = receive
+                with receive:
+                    message = await self._transport.receive()
+                if not receive.cancelled_caught or self._stopping:
+                    break
+                if trio.current_time() >= idle_deadline:
+                    raise SessionEnded(
+                        ErrorCode.IDLE_TIMEOUT,
+                        f"nothing received for {idle_timeout:g} seconds",
+                    )
+                self._ping()
+                ping_deadline += ping_interval
             if message is None:
                 return not self._stopping
-            self._last_heard = trio.current_time()
 
             if isinstance(message, protocol.Goodbye):
                 return True
@@ -357,8 +353,18 @@ class Session:
                 if message.fatal:
                     return True
                 continue
-            await self._handlers[type(message)](message)
+            await _HANDLERS[type(message)](self, message)
         return False
+
+    def _ping(self) -> None:
+        """Queue a ping, unless the queue is full: then frames are on their way."""
+        # Waiting for room here would also hold up the idle timeout of a
+        # client that reads nothing.
+        try:
+            self._outbox_send.send_nowait(protocol.Ping(n=self._pings))
+        except trio.WouldBlock:
+            return
+        self._pings = (self._pings + 1) % 2**32
 
     async def _reply(self, message: protocol.Message) -> None:
         await self._outbox_send.send(message)
@@ -381,7 +387,16 @@ class Session:
 
     async def _on_send(self, send: protocol.Send | protocol.GroupSend) -> None:
         """Append the message's copies; acknowledge only once all are durable."""
-        if not self._bucket.try_take():
+        bucket = self._bucket
+        if bucket is None:
+            # Made at the first send, full, as it would be had it been made
+            # at the handshake: an idle session never pays for one.
+            bucket = self._bucket = TokenBucket(
+                rate=self._config.rate_limit,
+                burst=self._config.rate_burst,
+                clock=trio.current_time,
+            )
+        if not bucket.try_take():
             await self._refuse(
                 ErrorCode.RATE_LIMITED,
                 f"more than {self._config.rate_limit:g} requests per second; "
@@ -442,14 +457,6 @@ class Session:
     async def _on_pong(self, pong: protocol.Pong) -> None:
         """Any frame counts as a sign of life; a pong needs nothing more."""
 
-    async def _ping_when_idle(self) -> None:
-        """Ping a quiet client so that a live one answers before the idle timeout."""
-        interval = self._config.idle_timeout / 3
-        while True:
-            await trio.sleep(interval)
-            if trio.current_time() - self._last_heard >= interval:
-                await self._reply(protocol.Ping(n=next(self._pings) % 2**32))
-
     # --- writing ---------------------------------------------------------------
 
     async def _write(self, catch_up_from: int, live_from: int) -> None:
@@ -472,7 +479,6 @@ class Session:
                 sum(1 for message in batch if isinstance(message, protocol.Deliver))
             )
             if isinstance(batch[-1], protocol.Goodbye):
-                self._said_goodbye.set()
                 return
 
     async def _catch_up(self, start: int, end: int) -> None:
@@ -503,3 +509,18 @@ class Session:
         self._torn = True
         await self._transport.send(frames)
         self._torn = False
+
+
+_HANDLERS: dict[type[Any], Callable[[Session, Any], Awaitable[None]]] = {
+    protocol.Send: Session._on_send,
+    protocol.GroupSend: Session._on_send,
+    protocol.DeliveryAck: Session._on_delivery_ack,
+    protocol.HistoryRequest: Session._on_request,
+    protocol.GroupCreate: Session._on_request,
+    protocol.GroupJoin: Session._on_request,
+    protocol.GroupLeave: Session._on_request,
+    protocol.GroupMembers: Session._on_request,
+    protocol.Ping: Session._on_ping,
+    protocol.Pong: Session._on_pong,
+}
+"""Each request type's handler, shared by all sessions rather than one per session."""
