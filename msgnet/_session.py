@@ -19,6 +19,7 @@ from ._auth import AuthError, verify_token
 from ._backplane import BackplaneUnavailable
 from ._catchup import RetentionGap, catch_up
 from ._context import ServerContext
+from ._outbox import Outbox
 from ._partition import PartitionOwner
 from ._ratelimit import TokenBucket
 from ._requests import Refused, Request, answer
@@ -72,9 +73,7 @@ class Session:
         self.user = ""
         self.device = ""
         self._owner: PartitionOwner | None = None
-        self._outbox_send, self._outbox_receive = trio.open_memory_channel[
-            protocol.Message
-        ](context.config.outbound_queue)
+        self._outbox = Outbox[protocol.Message](context.config.outbound_queue)
         self._scope = trio.CancelScope()
         self._receive_scope = trio.CancelScope()
         self._stopping = False
@@ -99,7 +98,7 @@ class Session:
         finally:
             if self._owner is not None:
                 self._owner.detach(self)
-            self._outbox_send.close()
+            self._outbox.close()
             context.sessions.discard(self)
             context.metrics.connections.dec()
             await self._transport.aclose()
@@ -145,7 +144,7 @@ class Session:
     def offer(self, delivery: protocol.Deliver) -> None:
         """Queue a live delivery; a full queue means the client reads too slowly."""
         try:
-            self._outbox_send.send_nowait(delivery)
+            self._outbox.put_nowait(delivery)
         except trio.WouldBlock:
             self._context.metrics.slow_consumer_disconnects.inc()
             self.fail(
@@ -185,7 +184,7 @@ class Session:
             # Server shutdown: let the writer flush what is queued (acks of
             # in-flight sends included), then end with our own goodbye. The
             # writer returns once the goodbye is out, which ends the nursery.
-            await self._outbox_send.send(
+            await self._outbox.put(
                 protocol.Goodbye(reason="server shutting down; reconnect to resume")
             )
 
@@ -361,13 +360,13 @@ class Session:
         # Waiting for room here would also hold up the idle timeout of a
         # client that reads nothing.
         try:
-            self._outbox_send.send_nowait(protocol.Ping(n=self._pings))
+            self._outbox.put_nowait(protocol.Ping(n=self._pings))
         except trio.WouldBlock:
             return
         self._pings = (self._pings + 1) % 2**32
 
     async def _reply(self, message: protocol.Message) -> None:
-        await self._outbox_send.send(message)
+        await self._outbox.put(message)
 
     async def _refuse(
         self,
@@ -465,15 +464,16 @@ class Session:
             await self._catch_up(catch_up_from, live_from)
 
         metrics = self._context.metrics
-        receive = self._outbox_receive
+        outbox = self._outbox
         while True:
-            batch = [await receive.receive()]
-            # Nothing may follow a Goodbye, not even a delivery offered after it.
-            while len(batch) < WRITE_BATCH and type(batch[-1]) is not protocol.Goodbye:
-                try:
-                    batch.append(receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch = await outbox.take(WRITE_BATCH)
+            if self._stopping:
+                # Nothing may follow a Goodbye, not even a delivery offered
+                # after it; only a stopping session queues one.
+                for index, message in enumerate(batch):
+                    if type(message) is protocol.Goodbye:
+                        del batch[index + 1 :]
+                        break
             await self._send_frames(batch)
             metrics.messages_out.inc(
                 sum(1 for message in batch if isinstance(message, protocol.Deliver))
