@@ -37,6 +37,9 @@ class Outbox(Generic[_T]):
         """The item of the putter waiting for room."""
         self._closed = False
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def put_nowait(self, item: _T) -> None:
         """Queue ``item``; raises ``trio.WouldBlock`` if the queue is full."""
         if self._closed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -60,8 +61,10 @@ class Session:
     never write at once.
 
     An idle session is most of what a busy server holds, so it keeps little:
-    no third task for pings, no per-session handler table, and a rate limit
-    bucket only once the client first sends.
+    no third task for pings, no per-session handler table, a rate limit
+    bucket only once the client first sends, and no writer task until there
+    is something other than a ping to send (the reader writes its own pings
+    until then).
     """
 
     def __init__(self, context: ServerContext, transport: MessageTransport) -> None:
@@ -82,6 +85,11 @@ class Session:
         self._failure: SessionEnded | None = None
         self._pings = 0
         self._bucket: TokenBucket | None = None
+        self._nursery: trio.Nursery | None = None
+        """Where the writer is started, while the session serves requests."""
+        self._writer_started = False
+        self._reader_writing = False
+        """The reader is writing a ping itself: the writer must not start."""
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -145,6 +153,7 @@ class Session:
         """Queue a live delivery; a full queue means the client reads too slowly."""
         try:
             self._outbox.put_nowait(delivery)
+            self._start_writer()
         except trio.WouldBlock:
             self._context.metrics.slow_consumer_disconnects.inc()
             self.fail(
@@ -170,23 +179,42 @@ class Session:
         catch_up_from, live_from = positions
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                self._guarded, functools.partial(self._write, catch_up_from, live_from)
-            )
-            # The reader is guarded too: its bad input or limit, raised in the
-            # nursery's body, would otherwise leave as an exception group and
-            # take the whole server down with it.
-            said_goodbye = await self._guarded(self._read)
-            if said_goodbye is None or said_goodbye:
-                # The peer is gone or failed: nothing more goes through the queue.
-                nursery.cancel_scope.cancel()
-                return
-            # Server shutdown: let the writer flush what is queued (acks of
-            # in-flight sends included), then end with our own goodbye. The
-            # writer returns once the goodbye is out, which ends the nursery.
-            await self._outbox.put(
-                protocol.Goodbye(reason="server shutting down; reconnect to resume")
-            )
+            self._nursery = nursery
+            if catch_up_from < live_from:
+                self._writer_started = True
+                nursery.start_soon(
+                    self._guarded,
+                    functools.partial(self._write, catch_up_from, live_from),
+                )
+            elif len(self._outbox):
+                # Deliveries offered while the handshake finished.
+                self._start_writer()
+            try:
+                # The reader is guarded too: its bad input or limit, raised in
+                # the nursery's body, would otherwise leave as an exception
+                # group and take the whole server down with it.
+                said_goodbye = await self._guarded(self._read)
+                if said_goodbye is None or said_goodbye:
+                    # The peer is gone or failed: nothing more goes out.
+                    nursery.cancel_scope.cancel()
+                    return
+                # Server shutdown: let the writer flush what is queued (acks
+                # of in-flight sends included), then end with our own goodbye.
+                # The writer returns once the goodbye is out, which ends the
+                # nursery.
+                self._start_writer()
+                await self._outbox.put(
+                    protocol.Goodbye(reason="server shutting down; reconnect to resume")
+                )
+            finally:
+                self._nursery = None
+
+    def _start_writer(self) -> None:
+        """Start the writer once there is something to send, and keep it."""
+        if self._writer_started or self._reader_writing or self._nursery is None:
+            return
+        self._writer_started = True
+        self._nursery.start_soon(self._guarded, self._write)
 
     async def _send_fatal(self, failure: SessionEnded) -> None:
         self._context.metrics.errors.labels(failure.code.value).inc()
@@ -335,7 +363,7 @@ class Session:
                         ErrorCode.IDLE_TIMEOUT,
                         f"nothing received for {idle_timeout:g} seconds",
                     )
-                self._ping()
+                await self._ping(idle_deadline)
                 ping_deadline += ping_interval
             if message is None:
                 return not self._stopping
@@ -355,17 +383,37 @@ class Session:
             await _HANDLERS[type(message)](self, message)
         return False
 
-    def _ping(self) -> None:
-        """Queue a ping, unless the queue is full: then frames are on their way."""
-        # Waiting for room here would also hold up the idle timeout of a
-        # client that reads nothing.
-        try:
-            self._outbox.put_nowait(protocol.Ping(n=self._pings))
-        except trio.WouldBlock:
-            return
+    async def _ping(self, idle_deadline: float) -> None:
+        """Ping a quiet client: through the writer if it runs, else directly."""
+        ping = protocol.Ping(n=self._pings)
         self._pings = (self._pings + 1) % 2**32
+        if self._writer_started:
+            # Waiting for room here would also hold up the idle timeout of a
+            # client that reads nothing; a full queue has frames on the way.
+            with contextlib.suppress(trio.WouldBlock):
+                self._outbox.put_nowait(ping)
+            return
+
+        # Nothing but pings has gone out yet, so the reader writes this one
+        # itself rather than start a writer that an idle session would keep.
+        self._reader_writing = True
+        try:
+            with trio.move_on_at(idle_deadline):
+                await self._send_frames([ping])
+        finally:
+            self._reader_writing = False
+        if self._torn:
+            # The deadline cut the write short: nothing more can follow.
+            raise SessionEnded(
+                ErrorCode.IDLE_TIMEOUT,
+                f"nothing received for {self._config.idle_timeout:g} seconds",
+            )
+        # Deliveries offered during the write have waited for it.
+        if len(self._outbox):
+            self._start_writer()
 
     async def _reply(self, message: protocol.Message) -> None:
+        self._start_writer()
         await self._outbox.put(message)
 
     async def _refuse(
@@ -458,7 +506,7 @@ class Session:
 
     # --- writing ---------------------------------------------------------------
 
-    async def _write(self, catch_up_from: int, live_from: int) -> None:
+    async def _write(self, catch_up_from: int = 0, live_from: int = 0) -> None:
         """Own the sending side: catch-up first, then every queued frame in order."""
         if catch_up_from < live_from:
             await self._catch_up(catch_up_from, live_from)
