@@ -153,7 +153,8 @@ class Session:
         """Queue a live delivery; a full queue means the client reads too slowly."""
         try:
             self._outbox.put_nowait(delivery)
-            self._start_writer()
+            if not self._writer_started:
+                self._start_writer()
         except trio.WouldBlock:
             self._context.metrics.slow_consumer_disconnects.inc()
             self.fail(
@@ -347,7 +348,8 @@ class Session:
             now = trio.current_time()
             idle_deadline = now + idle_timeout
             ping_deadline = now + ping_interval
-            while True:
+            # A stop() that came while the reader wrote a ping ends it here.
+            while not self._stopping:
                 # A fresh scope per receive: stop() cancels only a receive in
                 # progress, never a request being handled. The same scope
                 # carries the next deadline; one scope per frame instead of
@@ -413,7 +415,8 @@ class Session:
             self._start_writer()
 
     async def _reply(self, message: protocol.Message) -> None:
-        self._start_writer()
+        if not self._writer_started:
+            self._start_writer()
         await self._outbox.put(message)
 
     async def _refuse(
