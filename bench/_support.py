@@ -23,6 +23,8 @@ __all__ = [
     "cpu_seconds",
     "free_port",
     "machine",
+    "open_file_limit",
+    "open_files",
     "raise_nofile",
     "rss_bytes",
     "start_server",
@@ -56,6 +58,22 @@ def cpu_seconds(pid: int) -> float:
         # The command name may hold spaces; the fields after it are fixed.
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def open_file_limit(pid: int) -> int:
+    """The soft open-file limit of a process, from /proc/PID/limits."""
+    with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                soft = line.split()[3]
+                # An unlimited limit is still capped by the kernel's nr_open.
+                return 2**31 - 1 if soft == "unlimited" else int(soft)
+    raise ValueError(f"no 'Max open files' line for pid {pid!r}")
+
+
+def open_files(pid: int) -> int:
+    """How many file descriptors a process has open right now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def rss_bytes(pid: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -19,6 +20,7 @@ from ._auth import AuthError, verify_token
 from ._backplane import BackplaneUnavailable
 from ._catchup import RetentionGap, catch_up
 from ._context import ServerContext
+from ._outbox import Outbox
 from ._partition import PartitionOwner
 from ._ratelimit import TokenBucket
 from ._requests import Refused, Request, answer
@@ -59,14 +61,20 @@ class SessionEnded(Exception):
 class Session:
     """Serves one connected device from handshake to close.
 
-    Three tasks share the connection: the reader handles requests in the order
-    they arrive and hands sends to the log without waiting for them (up to
-    ``SEND_WINDOW``), so a sender's messages reach the log in the order it sent
-    them; the writer owns the sending side (catch-up first, then everything
-    queued, answering each send once it is durable); the
-    pinger keeps an idle connection honest. Whatever ends the session fatally
-    records why and cancels all three; the Error frame is written after they
-    stop, so two tasks never write at once.
+    Two tasks share the connection: the reader handles requests in the order
+    they arrive, handing sends to the log without waiting for them (up to
+    ``SEND_WINDOW``), so a sender's messages reach the log in the order it
+    sent them, and pings a quiet client; the writer owns the sending side
+    (catch-up first, then everything queued, answering each send once it is
+    durable). Whatever ends the session fatally records why and
+    cancels both; the Error frame is written after they stop, so two tasks
+    never write at once.
+
+    An idle session is most of what a busy server holds, so it keeps little:
+    no third task for pings, no per-session handler table, a rate limit
+    bucket only once the client first sends, and no writer task until there
+    is something other than a ping to send (the reader writes its own pings
+    until then).
     """
 
     def __init__(self, context: ServerContext, transport: MessageTransport) -> None:
@@ -78,9 +86,9 @@ class Session:
         self.user = ""
         self.device = ""
         self._owner: PartitionOwner | None = None
-        self._outbox_send, self._outbox_receive = trio.open_memory_channel[
-            protocol.Message | PendingSend
-        ](context.config.outbound_queue)
+        self._outbox = Outbox[protocol.Message | PendingSend](
+            context.config.outbound_queue
+        )
         self._in_flight = 0
         """Sends handed to the log and not yet answered by the writer."""
         self._answered: trio.Event | None = None
@@ -91,28 +99,15 @@ class Session:
         self._receive_scope = trio.CancelScope()
         self._stopping = False
         self._torn = False
-        self._said_goodbye = trio.Event()
         """A write was cut short: part of a frame went out, so nothing more can."""
         self._failure: SessionEnded | None = None
-        self._last_heard = trio.current_time()
-        self._pings = itertools.count()
-        self._bucket = TokenBucket(
-            rate=self._config.rate_limit,
-            burst=self._config.rate_burst,
-            clock=trio.current_time,
-        )
-        self._handlers: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
-            protocol.Send: self._on_send,
-            protocol.GroupSend: self._on_send,
-            protocol.DeliveryAck: self._on_delivery_ack,
-            protocol.HistoryRequest: self._on_request,
-            protocol.GroupCreate: self._on_request,
-            protocol.GroupJoin: self._on_request,
-            protocol.GroupLeave: self._on_request,
-            protocol.GroupMembers: self._on_request,
-            protocol.Ping: self._on_ping,
-            protocol.Pong: self._on_pong,
-        }
+        self._pings = 0
+        self._bucket: TokenBucket | None = None
+        self._nursery: trio.Nursery | None = None
+        """Where the writer is started, while the session serves requests."""
+        self._writer_started = False
+        self._reader_writing = False
+        """The reader is writing a ping itself: the writer must not start."""
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -129,7 +124,7 @@ class Session:
         finally:
             if self._owner is not None:
                 self._owner.detach(self)
-            self._outbox_send.close()
+            self._outbox.close()
             context.sessions.discard(self)
             context.metrics.connections.dec()
             await self._transport.aclose()
@@ -175,7 +170,9 @@ class Session:
     def offer(self, delivery: protocol.Deliver) -> None:
         """Queue a live delivery; a full queue means the client reads too slowly."""
         try:
-            self._outbox_send.send_nowait(delivery)
+            self._outbox.put_nowait(delivery)
+            if not self._writer_started:
+                self._start_writer()
         except trio.WouldBlock:
             self._context.metrics.slow_consumer_disconnects.inc()
             self.fail(
@@ -201,27 +198,42 @@ class Session:
         catch_up_from, live_from = positions
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                self._guarded, functools.partial(self._write, catch_up_from, live_from)
-            )
-            nursery.start_soon(self._guarded, self._ping_when_idle)
-            # The reader is guarded too: its bad input or limit, raised in the
-            # nursery's body, would otherwise leave as an exception group and
-            # take the whole server down with it.
-            said_goodbye = await self._guarded(self._read)
-            if said_goodbye is None or said_goodbye:
-                # The peer is gone or failed: nothing more goes through the queue.
-                nursery.cancel_scope.cancel()
-                return
-            # Server shutdown: let the writer flush what is queued (acks of
-            # in-flight sends included), then end with our own goodbye.
-            await self._outbox_send.send(
-                protocol.Goodbye(reason="server shutting down; reconnect to resume")
-            )
-            # Then close at once: the pinger would keep the session (and the
-            # shutdown) waiting until the grace period ran out.
-            await self._said_goodbye.wait()
-            nursery.cancel_scope.cancel()
+            self._nursery = nursery
+            if catch_up_from < live_from:
+                self._writer_started = True
+                nursery.start_soon(
+                    self._guarded,
+                    functools.partial(self._write, catch_up_from, live_from),
+                )
+            elif len(self._outbox):
+                # Deliveries offered while the handshake finished.
+                self._start_writer()
+            try:
+                # The reader is guarded too: its bad input or limit, raised in
+                # the nursery's body, would otherwise leave as an exception
+                # group and take the whole server down with it.
+                said_goodbye = await self._guarded(self._read)
+                if said_goodbye is None or said_goodbye:
+                    # The peer is gone or failed: nothing more goes out.
+                    nursery.cancel_scope.cancel()
+                    return
+                # Server shutdown: let the writer flush what is queued (acks
+                # of in-flight sends included), then end with our own goodbye.
+                # The writer returns once the goodbye is out, which ends the
+                # nursery.
+                self._start_writer()
+                await self._outbox.put(
+                    protocol.Goodbye(reason="server shutting down; reconnect to resume")
+                )
+            finally:
+                self._nursery = None
+
+    def _start_writer(self) -> None:
+        """Start the writer once there is something to send, and keep it."""
+        if self._writer_started or self._reader_writing or self._nursery is None:
+            return
+        self._writer_started = True
+        self._nursery.start_soon(self._guarded, self._write)
 
     async def _send_fatal(self, failure: SessionEnded) -> None:
         self._context.metrics.errors.labels(failure.code.value).inc()
@@ -340,26 +352,41 @@ class Session:
     # --- reading -------------------------------------------------------------
 
     async def _read(self) -> bool:
-        """Handle requests until goodbye (True) or server shutdown (False)."""
+        """Handle requests until goodbye (True) or server shutdown (False).
+
+        The reader also pings a client that has been quiet for a third of the
+        idle timeout, and again after each further third, so that a live one
+        answers in time. Both transports' receive may be cancelled without
+        losing bytes, so a ping due only interrupts the wait for a frame.
+        """
         idle_timeout = self._config.idle_timeout
+        ping_interval = idle_timeout / 3
         while not self._stopping:
             message: protocol.Message | None = None
-            # A fresh scope per receive: stop() cancels only a receive in
-            # progress, never a request being handled. The same scope carries
-            # the idle deadline; one scope per frame instead of two, because
-            # entering a scope is a large part of a frame's cost.
-            receive = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
-            self._receive_scope = receive
-            with receive:
-                message = await self._transport.receive()
-            if receive.cancelled_caught and not self._stopping:
-                raise SessionEnded(
-                    ErrorCode.IDLE_TIMEOUT,
-                    f"nothing received for {idle_timeout:g} seconds",
-                )
+            now = trio.current_time()
+            idle_deadline = now + idle_timeout
+            ping_deadline = now + ping_interval
+            # A stop() that came while the reader wrote a ping ends it here.
+            while not self._stopping:
+                # A fresh scope per receive: stop() cancels only a receive in
+                # progress, never a request being handled. The same scope
+                # carries the next deadline; one scope per frame instead of
+                # two, because entering a scope is a large part of its cost.
+                receive = trio.CancelScope(deadline=min(idle_deadline, ping_deadline))
+                self._receive_scope = receive
+                with receive:
+                    message = await self._transport.receive()
+                if not receive.cancelled_caught or self._stopping:
+                    break
+                if trio.current_time() >= idle_deadline:
+                    raise SessionEnded(
+                        ErrorCode.IDLE_TIMEOUT,
+                        f"nothing received for {idle_timeout:g} seconds",
+                    )
+                await self._ping(idle_deadline)
+                ping_deadline += ping_interval
             if message is None:
                 return not self._stopping
-            self._last_heard = trio.current_time()
 
             if isinstance(message, protocol.Goodbye):
                 # Sends read before the goodbye still reach the log, but
@@ -377,11 +404,42 @@ class Session:
                 if message.fatal:
                     return True
                 continue
-            await self._handlers[type(message)](message)
+            await _HANDLERS[type(message)](self, message)
         return False
 
+    async def _ping(self, idle_deadline: float) -> None:
+        """Ping a quiet client: through the writer if it runs, else directly."""
+        ping = protocol.Ping(n=self._pings)
+        self._pings = (self._pings + 1) % 2**32
+        if self._writer_started:
+            # Waiting for room here would also hold up the idle timeout of a
+            # client that reads nothing; a full queue has frames on the way.
+            with contextlib.suppress(trio.WouldBlock):
+                self._outbox.put_nowait(ping)
+            return
+
+        # Nothing but pings has gone out yet, so the reader writes this one
+        # itself rather than start a writer that an idle session would keep.
+        self._reader_writing = True
+        try:
+            with trio.move_on_at(idle_deadline):
+                await self._send_frames([ping])
+        finally:
+            self._reader_writing = False
+        if self._torn:
+            # The deadline cut the write short: nothing more can follow.
+            raise SessionEnded(
+                ErrorCode.IDLE_TIMEOUT,
+                f"nothing received for {self._config.idle_timeout:g} seconds",
+            )
+        # Deliveries offered during the write have waited for it.
+        if len(self._outbox):
+            self._start_writer()
+
     async def _reply(self, message: protocol.Message | PendingSend) -> None:
-        await self._outbox_send.send(message)
+        if not self._writer_started:
+            self._start_writer()
+        await self._outbox.put(message)
 
     async def _refuse(
         self,
@@ -401,7 +459,16 @@ class Session:
 
     async def _on_send(self, send: protocol.Send | protocol.GroupSend) -> None:
         """Hand the message's copies to the log; the writer acknowledges them."""
-        if not self._bucket.try_take():
+        bucket = self._bucket
+        if bucket is None:
+            # Made at the first send, full, as it would be had it been made
+            # at the handshake: an idle session never pays for one.
+            bucket = self._bucket = TokenBucket(
+                rate=self._config.rate_limit,
+                burst=self._config.rate_burst,
+                clock=trio.current_time,
+            )
+        if not bucket.try_take():
             await self._refuse(
                 ErrorCode.RATE_LIMITED,
                 f"more than {self._config.rate_limit:g} requests per second; "
@@ -489,48 +556,36 @@ class Session:
     async def _on_pong(self, pong: protocol.Pong) -> None:
         """Any frame counts as a sign of life; a pong needs nothing more."""
 
-    async def _ping_when_idle(self) -> None:
-        """Ping a quiet client so that a live one answers before the idle timeout."""
-        interval = self._config.idle_timeout / 3
-        while True:
-            await trio.sleep(interval)
-            if trio.current_time() - self._last_heard >= interval:
-                await self._reply(protocol.Ping(n=next(self._pings) % 2**32))
-
     # --- writing ---------------------------------------------------------------
 
-    async def _write(self, catch_up_from: int, live_from: int) -> None:
+    async def _write(self, catch_up_from: int = 0, live_from: int = 0) -> None:
         """Own the sending side: catch-up first, then every queued frame in order."""
         if catch_up_from < live_from:
             await self._catch_up(catch_up_from, live_from)
 
-        receive = self._outbox_receive
+        outbox = self._outbox
         while True:
+            taken = await outbox.take(WRITE_BATCH)
             batch: list[protocol.Message] = []
-            item = await receive.receive()
-            while True:
+            for item in taken:
                 if isinstance(item, PendingSend):
                     if batch and not item.appending.settled():
                         # Write what is ready before waiting for the log.
                         await self._flush(batch)
                         batch = []
                     batch.append(await self._answer(item))
+                elif type(item) is protocol.Goodbye:
+                    # Nothing may follow a Goodbye, not even a delivery
+                    # offered after it; only a stopping session queues one.
+                    batch.append(item)
+                    await self._flush(batch)
+                    return
                 else:
                     batch.append(item)
-                # Nothing may follow a Goodbye, not even a delivery offered after it.
-                if len(batch) >= WRITE_BATCH or type(item) is protocol.Goodbye:
-                    break
-                try:
-                    item = receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
             await self._flush(batch)
-            if type(item) is protocol.Goodbye:
-                self._said_goodbye.set()
-                return
 
     async def _flush(self, batch: list[protocol.Message]) -> None:
-        if self._peer_left:
+        if self._peer_left or not batch:
             return
         await self._send_frames(batch)
         self._context.metrics.messages_out.inc(
@@ -565,3 +620,18 @@ class Session:
         self._torn = True
         await self._transport.send(frames)
         self._torn = False
+
+
+_HANDLERS: dict[type[Any], Callable[[Session, Any], Awaitable[None]]] = {
+    protocol.Send: Session._on_send,
+    protocol.GroupSend: Session._on_send,
+    protocol.DeliveryAck: Session._on_delivery_ack,
+    protocol.HistoryRequest: Session._on_request,
+    protocol.GroupCreate: Session._on_request,
+    protocol.GroupJoin: Session._on_request,
+    protocol.GroupLeave: Session._on_request,
+    protocol.GroupMembers: Session._on_request,
+    protocol.Ping: Session._on_ping,
+    protocol.Pong: Session._on_pong,
+}
+"""Each request type's handler, shared by all sessions rather than one per session."""
