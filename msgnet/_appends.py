@@ -114,7 +114,7 @@ def submit_copies(
         (
             partition,
             users[0].encode(),
-            attrs.evolve(record, recipients=tuple(users)).encode(),
+            record.encode(recipients=users),
         )
         for partition, users in by_partition.items()
     ]

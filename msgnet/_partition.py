@@ -12,7 +12,7 @@ import trio
 import protocol
 
 from ._backplane import Backplane, BackplaneUnavailable, until_available
-from ._records import BadRecord, decode_record
+from ._records import BadRecord, decode_fields
 
 if TYPE_CHECKING:
     from ._metrics import ServerMetrics
@@ -48,10 +48,10 @@ class Recipient(Protocol):
 
 def deliver_message(
     partition: int, offset: int, value: bytes
-) -> tuple[protocol.Deliver, tuple[str, ...], str] | None:
+) -> tuple[protocol.Deliver, list[str], str] | None:
     """Turn one log record into the Deliver frame, its recipients and its origin."""
     try:
-        record = decode_record(value)
+        id_, sender, to, group, body, ts, recipients, origin = decode_fields(value)
     except BadRecord as exc:
         logger.warning(
             "skipping malformed record partition=%d offset=%d: %s",
@@ -61,16 +61,16 @@ def deliver_message(
         )
         return None
     delivery = protocol.Deliver(
-        id=record.id,
-        sender=record.sender,
-        to=record.to,
-        group=record.group,
-        body=record.body,
-        ts=record.ts,
+        id=id_,
+        sender=sender,
+        to=to,
+        group=group,
+        body=body,
+        ts=ts,
         partition=partition,
         offset=offset,
     )
-    return delivery, record.recipients, record.origin
+    return delivery, recipients, origin
 
 
 class PartitionOwner:

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import msgpack
 
-__all__ = ["RECORD_VERSION", "BadRecord", "InboxRecord", "decode_record"]
+__all__ = [
+    "RECORD_VERSION",
+    "BadRecord",
+    "InboxRecord",
+    "RecordFields",
+    "decode_fields",
+    "decode_record",
+]
 
 RECORD_VERSION = 1
 """Bumped on any incompatible change; readers skip records of versions they lack."""
+
+
+_packb = msgpack.packb
+_unpackb = msgpack.unpackb
 
 
 class BadRecord(ValueError):
@@ -43,9 +56,13 @@ class InboxRecord:
     origin: str
     """The session id of the sending connection, which does not get it echoed."""
 
-    def encode(self) -> bytes:
-        """The bytes appended to the log: a msgpack array, version first."""
-        encoded: bytes = msgpack.packb(
+    def encode(self, recipients: Sequence[str] | None = None) -> bytes:
+        """The bytes appended to the log: a msgpack array, version first.
+
+        ``recipients`` stands in for the record's own, so one record encodes
+        each partition's copy without a copy of the record per partition.
+        """
+        encoded: bytes = _packb(
             [
                 RECORD_VERSION,
                 self.id,
@@ -54,7 +71,7 @@ class InboxRecord:
                 self.group,
                 self.body,
                 self.ts,
-                list(self.recipients),
+                list(self.recipients if recipients is None else recipients),
                 self.origin,
             ]
         )
@@ -74,29 +91,43 @@ class InboxRecord:
         return ("u", f"{low}\x00{high}")
 
 
-def decode_record(value: bytes) -> InboxRecord:
-    """Parse a record's bytes, raising ``BadRecord`` for anything malformed."""
+RecordFields = tuple[str, str, str | None, str | None, str, int, list[str], str]
+"""An inbox record's fields in wire order, after the version: id, sender, to,
+group, body, ts, recipients, origin."""
+
+
+def decode_fields(value: bytes) -> RecordFields:
+    """Parse and check a record's bytes into its fields, without building it.
+
+    The partition owners and the history writer read every record; this is
+    ``decode_record`` without the object they do not need. Raises
+    ``BadRecord`` for anything malformed.
+    """
     try:
-        fields = msgpack.unpackb(value, raw=False, use_list=True)
+        fields = _unpackb(value, raw=False, use_list=True)
     except Exception as exc:
         raise BadRecord(f"record is not msgpack: {exc}") from exc
-    if not isinstance(fields, list) or len(fields) != 9 or fields[0] != RECORD_VERSION:
+    if type(fields) is not list or len(fields) != 9 or fields[0] != RECORD_VERSION:
         raise BadRecord(f"record has an unknown shape: {fields!r:.200}")
 
     _, id_, sender, to, group, body, ts, recipients, origin = fields
     if not (
-        isinstance(id_, str)
-        and isinstance(sender, str)
-        and (to is None or isinstance(to, str))
-        and (group is None or isinstance(group, str))
-        and (to is None) != (group is None)
-        and isinstance(body, str)
-        and isinstance(ts, int)
-        and isinstance(recipients, list)
-        and all(isinstance(user, str) for user in recipients)
-        and isinstance(origin, str)
+        type(id_) is str
+        and type(sender) is str
+        and (type(to) is str if group is None else to is None and type(group) is str)
+        and type(body) is str
+        and type(ts) is int
+        and type(recipients) is list
+        and all(type(user) is str for user in recipients)
+        and type(origin) is str
     ):
         raise BadRecord(f"record has fields of the wrong type: {fields!r:.200}")
+    return id_, sender, to, group, body, ts, recipients, origin
+
+
+def decode_record(value: bytes) -> InboxRecord:
+    """Parse a record's bytes, raising ``BadRecord`` for anything malformed."""
+    id_, sender, to, group, body, ts, recipients, origin = decode_fields(value)
     return InboxRecord(
         id=id_,
         sender=sender,
