@@ -362,7 +362,14 @@ class Session:
         idle_timeout = self._config.idle_timeout
         ping_interval = idle_timeout / 3
         while not self._stopping:
-            message: protocol.Message | None = None
+            # Frames that arrived together are handled without a receive
+            # scope each: the scope and the trip through the scheduler cost
+            # more than handling a send.
+            message = self._transport.buffered()
+            if message is not None:
+                if await self._handle(message):
+                    return True
+                continue
             now = trio.current_time()
             idle_deadline = now + idle_timeout
             ping_deadline = now + ping_interval
@@ -387,24 +394,27 @@ class Session:
                 ping_deadline += ping_interval
             if message is None:
                 return not self._stopping
-
-            if isinstance(message, protocol.Goodbye):
-                # Sends read before the goodbye still reach the log, but
-                # nothing more may be written to a peer that said goodbye.
-                self._peer_left = True
-                await self._wait_for_sends(0)
+            if await self._handle(message):
                 return True
-            if isinstance(message, protocol.Error):
-                logger.debug(
-                    "client error session=%s code=%s text=%s",
-                    self.session_id,
-                    message.code,
-                    message.text,
-                )
-                if message.fatal:
-                    return True
-                continue
-            await _HANDLERS[type(message)](self, message)
+        return False
+
+    async def _handle(self, message: protocol.Message) -> bool:
+        """Handle one request; True if the peer is leaving (goodbye, fatal error)."""
+        if isinstance(message, protocol.Goodbye):
+            # Sends read before the goodbye still reach the log, but nothing
+            # more may be written to a peer that said goodbye.
+            self._peer_left = True
+            await self._wait_for_sends(0)
+            return True
+        if isinstance(message, protocol.Error):
+            logger.debug(
+                "client error session=%s code=%s text=%s",
+                self.session_id,
+                message.code,
+                message.text,
+            )
+            return message.fatal
+        await _HANDLERS[type(message)](self, message)
         return False
 
     async def _ping(self, idle_deadline: float) -> None:
@@ -439,7 +449,12 @@ class Session:
     async def _reply(self, message: protocol.Message | PendingSend) -> None:
         if not self._writer_started:
             self._start_writer()
-        await self._outbox.put(message)
+        # No trip through the scheduler unless the queue is full: the reader
+        # yields anyway when it waits for the next frame or for the log.
+        try:
+            self._outbox.put_nowait(message)
+        except trio.WouldBlock:
+            await self._outbox.put(message)
 
     async def _refuse(
         self,

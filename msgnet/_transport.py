@@ -24,6 +24,16 @@ class MessageTransport(Protocol):
         """
         ...
 
+    def buffered(self) -> protocol.Message | None:
+        """A message already received and waiting to be read, if there is one.
+
+        Lets a reader take a burst of frames without a scope and a trip
+        through the scheduler per frame. None says only that ``receive``
+        has to wait; bad input raises ``protocol.RemoteProtocolError`` as
+        ``receive`` would.
+        """
+        ...
+
     async def send(self, messages: Sequence[protocol.Message]) -> None:
         """Send messages in order, in as few writes as possible."""
         ...
@@ -67,6 +77,13 @@ class StreamTransport:
                 return None
             assert not isinstance(event, protocol.Signal)
             return event
+
+    def buffered(self) -> protocol.Message | None:
+        event = self.connection.next_message()
+        if isinstance(event, protocol.Signal):
+            # NEED_DATA, or CLOSED, which receive reports again.
+            return None
+        return event
 
     async def _wait_quietly(self) -> None:
         """Wait for the peer's bytes outside a socket read, which holds more.

@@ -94,6 +94,10 @@ class WebSocketTransport:
             self._choose_close(close_code_for(exc.code), exc.code)
             raise
 
+    def buffered(self) -> protocol.Message | None:
+        """Always None: each WebSocket message is taken by ``receive``."""
+        return None
+
     def _closed(self, reason: trio_websocket.CloseReason | None) -> None:
         # trio-websocket refuses a message far over its own size limit by
         # closing with 1009 before we see it; report that as the protocol

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 import trio.testing
 
@@ -101,3 +102,29 @@ async def test_peer_closing_while_quiet_ends_the_stream() -> None:
     async with welcomed_pair() as (server, client):
         await client.aclose()
         assert await server.receive() is None
+
+
+async def test_buffered_hands_over_frames_that_arrived_together_and_no_more() -> None:
+    async with welcomed_pair() as (server, client):
+        sends = [protocol.Send(id=f"m{n}", to="bob", body="hi") for n in range(3)]
+        await client.stream.send_all(b"".join(client.connection.send(s) for s in sends))
+
+        assert server.buffered() is None  # nothing read from the socket yet
+        with trio.fail_after(5):
+            first = await server.receive()
+        rest = [server.buffered(), server.buffered()]
+
+        assert [first, *rest] == sends
+        assert server.buffered() is None
+
+
+async def test_buffered_reports_bad_input_as_receive_would() -> None:
+    async with welcomed_pair() as (server, client):
+        good = client.connection.send(protocol.Ping(n=1))
+        await client.stream.send_all(good + b"\x00\x00\x00\x01\xc1")
+        with trio.fail_after(5):
+            assert await server.receive() == protocol.Ping(n=1)
+
+        with pytest.raises(protocol.RemoteProtocolError) as refused:
+            server.buffered()
+        assert refused.value.code == protocol.ErrorCode.BAD_FRAME
