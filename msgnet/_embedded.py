@@ -182,28 +182,44 @@ def _read(
     ]
 
 
-@attrs.define(eq=False)
 class _PendingAppend:
-    """Submitted records waiting for the transaction that makes them durable."""
+    """Submitted records waiting for the transaction that makes them durable.
 
-    records: Sequence[Append]
-    done: trio.Event = attrs.field(factory=trio.Event)
-    written: list[int] | None = None
-    """The records' offsets, once their transaction committed."""
-    failure: str | None = None
-    abandoned: bool = False
+    A plain slotted class whose event is made only if someone has to wait:
+    one is built per send, and most are answered after they settled.
+    """
+
+    __slots__ = ("_event", "_settled", "abandoned", "failure", "records", "written")
+
+    def __init__(self, records: Sequence[Append]) -> None:
+        self.records = records
+        self.written: list[int] | None = None
+        """The records' offsets, once their transaction committed."""
+        self.failure: str | None = None
+        self.abandoned = False
+        self._event: trio.Event | None = None
+        self._settled = False
+
+    def settle(self, written: list[int] | None, failure: str | None = None) -> None:
+        """The writer's verdict: offsets if the transaction committed, else why not."""
+        self.written, self.failure = written, failure
+        self._settled = True
+        if self._event is not None:
+            self._event.set()
 
     def settled(self) -> bool:
         """``Appending.settled``."""
-        return self.done.is_set()
+        return self._settled
 
     async def offsets(self) -> list[int]:
         """``Appending.offsets``: waits for the transaction, if it has not ended."""
         # No checkpoint when the outcome is known: a session answering a run
         # of sends that one transaction made durable does not yield per send.
-        if not self.done.is_set():
+        if not self._settled:
+            if self._event is None:
+                self._event = trio.Event()
             try:
-                await self.done.wait()
+                await self._event.wait()
             except BaseException:
                 # Skipped by the writer if its transaction has not started yet.
                 self.abandoned = True
@@ -423,8 +439,7 @@ class EmbeddedBackplane:
                         f"the embedded log at {self._location} failed to write: {exc!r}"
                     )
                     for append in appends:
-                        append.failure = self._failure
-                        append.done.set()
+                        append.settle(None, self._failure)
                     for commit in commits:
                         commit.failure = self._failure
                         commit.done.set()
@@ -480,8 +495,7 @@ class EmbeddedBackplane:
             touched.add(record.partition)
         numbered = iter(records)
         for append in appends:
-            append.written = [next(numbered).offset for _ in range(len(append.records))]
-            append.done.set()
+            append.settle([next(numbered).offset for _ in append.records])
 
         for commit in commits:
             self._committed[commit.group, commit.partition] = commit.offset
@@ -494,8 +508,7 @@ class EmbeddedBackplane:
     def _fail_pending(self) -> None:
         message = self._failure or self._closed_message()
         for append in self._pending_appends:
-            append.failure = message
-            append.done.set()
+            append.settle(None, message)
         for commit in self._pending_commits:
             commit.failure = message
             commit.done.set()
