@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import logging
 import os
 import sqlite3
@@ -327,8 +326,10 @@ class EmbeddedBackplane:
         tail = self._tails[partition]
         tail_start = self._end_offsets[partition] - len(tail)
         if offset >= tail_start:
+            # Indexing, not islice: a reader at the end wants the last few of
+            # the tail, and islice would step over all the others first.
             first = offset - tail_start
-            return list(itertools.islice(tail, first, first + max_records))
+            return [tail[i] for i in range(first, min(len(tail), first + max_records))]
 
         try:
             return await self._database.run(
@@ -549,7 +550,7 @@ async def open_embedded_backplane(
     location = ":memory:" if path is None else os.fspath(path)
 
     connection = await trio.to_thread.run_sync(_connect, path, partitions)
-    database = Database(connection)
+    database = Database(connection, inline=path is None)
     try:
         state = await database.run(functools.partial(_load, partitions=partitions))
     except BaseException:

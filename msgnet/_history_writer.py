@@ -21,6 +21,15 @@ HISTORY_GROUP = "msgnet-history"
 
 BATCH_SIZE = 1000
 
+LINGER = 0.05
+"""Seconds a writer that caught up waits before its next batch.
+
+History is eventually consistent (catch-up reads the log above the group's
+offset), so there is no hurry: at a low rate, writing each record as it comes
+would cost a store transaction and a commit per record and partition, several
+thread round trips a message. Waiting this long lets a batch gather instead.
+"""
+
 
 async def write_history(
     backplane: Backplane,
@@ -28,6 +37,7 @@ async def write_history(
     partition: int,
     *,
     group: str = HISTORY_GROUP,
+    linger: float = LINGER,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Persist one partition into ``store`` until cancelled.
@@ -62,6 +72,8 @@ async def write_history(
             functools.partial(backplane.commit, group, partition, end), what=what
         )
         offset = end
+        if len(records) < BATCH_SIZE:
+            await trio.sleep(linger)
 
 
 def decode_entries(
