@@ -43,7 +43,7 @@ _T = TypeVar("_T")
 DEFAULT_TOPIC = "msgnet.inbox"
 """The inbox topic's name unless configured otherwise."""
 
-_POLL_INTERVAL_MS = 100
+_POLL_INTERVAL_MS = 500
 """How long one consumer poll blocks; a waiting read notices cancellation this fast."""
 
 _READERS_PER_PARTITION = 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -29,6 +30,9 @@ LEASE_POLL_INTERVAL = 0.05
 
 COMMIT_INTERVAL = 0.5
 """Seconds between cursor commits: a takeover re-delivers at most this much."""
+
+LAG_ROUNDS = 10
+"""The partition lag gauge is refreshed every this many commit intervals."""
 
 
 class Recipient(Protocol):
@@ -185,9 +189,13 @@ class PartitionOwner:
 
     async def _commit_periodically(self) -> None:
         lag = self._metrics.partition_lag.labels(str(self.partition))
-        while True:
+        for round_ in itertools.count(1):
             await trio.sleep(COMMIT_INTERVAL)
             await self._commit()
+            # The end offset is a request to Kafka per partition: a lag gauge
+            # this fresh is worth less than the broker round trips it costs.
+            if round_ % LAG_ROUNDS:
+                continue
             with trio.move_on_after(COMMIT_INTERVAL):
                 try:
                     end = await self._backplane.end_offset(self.partition)
