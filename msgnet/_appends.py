@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import attrs
@@ -13,16 +14,30 @@ from protocol import ErrorCode
 from ._backplane import Appending, Backplane, BackplaneUnavailable
 from ._catchup import delivery_of
 from ._context import ServerContext
+from ._metrics import ServerMetrics
 from ._records import InboxRecord
 from ._requests import FRAME_OVERHEAD, Refused, members_of
 
 __all__ = [
+    "SEND_WINDOW",
     "AppendFailed",
     "PendingSend",
+    "SendWindow",
     "inbox_copies",
     "settled",
     "submit_copies",
 ]
+
+logger = logging.getLogger(__name__)
+
+SEND_WINDOW = 64
+"""Sends of one connection that may wait for the log at once.
+
+A session's reader hands each send to the log and reads on; its writer
+answers them in order as they become durable. A client that sends in bursts
+therefore fills a log transaction instead of waiting one round trip per
+message, and one that sends faster than the log accepts is held back by TCP.
+"""
 
 
 class AppendFailed(Exception):
@@ -156,3 +171,52 @@ async def settled(pending: PendingSend) -> list[tuple[int, int]]:
     except BackplaneUnavailable as exc:
         raise AppendFailed(str(exc)) from None
     return sorted(zip(pending.partitions, offsets, strict=True))
+
+
+class SendWindow:
+    """The sends one connection has handed to the log and not yet answered."""
+
+    __slots__ = ("_answered", "_metrics", "_session_id", "in_flight")
+
+    def __init__(self, *, metrics: ServerMetrics, session_id: str) -> None:
+        self._metrics = metrics
+        self._session_id = session_id
+        self.in_flight = 0
+        self._answered: trio.Event | None = None
+        """Set when a send is answered while the reader waits for room."""
+
+    async def wait_below(self, count: int) -> None:
+        """Wait until fewer than ``count`` sends wait for their answer."""
+        while self.in_flight >= count:
+            self._answered = trio.Event()
+            await self._answered.wait()
+
+    async def answer(self, pending: PendingSend) -> protocol.Message:
+        """The SendAck once the copies are durable, else the Error refusing the send."""
+        try:
+            positions = await settled(pending)
+        except AppendFailed as failed:
+            reply: protocol.Message = self.unavailable(pending.id, failed)
+        else:
+            self._metrics.messages_in.inc()
+            self._metrics.ack_latency.observe(trio.current_time() - pending.received)
+            reply = protocol.SendAck(id=pending.id, ts=pending.ts, positions=positions)
+        self.in_flight -= 1
+        if self._answered is not None:
+            self._answered.set()
+            self._answered = None
+        return reply
+
+    def unavailable(self, message_id: str, failed: AppendFailed) -> protocol.Error:
+        """The refusal of a send whose copies are not known to be durable."""
+        logger.warning(
+            "append failed session=%s id=%s: %s", self._session_id, message_id, failed
+        )
+        self._metrics.errors.labels(ErrorCode.UNAVAILABLE.value).inc()
+        return protocol.Error(
+            code=ErrorCode.UNAVAILABLE,
+            text="the message log is unavailable; the message was not accepted, "
+            "retry with the same id",
+            fatal=False,
+            id=message_id,
+        )

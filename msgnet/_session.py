@@ -15,11 +15,18 @@ import trio
 import protocol
 from protocol import ErrorCode
 
-from ._appends import AppendFailed, PendingSend, inbox_copies, settled, submit_copies
-from ._auth import AuthError, verify_token
+from ._appends import (
+    SEND_WINDOW,
+    AppendFailed,
+    PendingSend,
+    SendWindow,
+    inbox_copies,
+    submit_copies,
+)
 from ._backplane import BackplaneUnavailable
 from ._catchup import RetentionGap, catch_up
 from ._context import ServerContext
+from ._handshake import SessionEnded, receive_hello, redirect, welcome
 from ._outbox import Outbox
 from ._partition import PartitionOwner
 from ._ratelimit import TokenBucket
@@ -33,29 +40,12 @@ logger = logging.getLogger(__name__)
 WRITE_BATCH = 256
 """Frames coalesced into one socket write when a session falls a little behind."""
 
-SEND_WINDOW = 64
-"""Sends of one connection that may wait for the log at once.
-
-The reader hands each send to the log and reads on; the writer answers them
-in order as they become durable. A client that sends in bursts therefore
-fills a log transaction instead of waiting one round trip per message.
-"""
-
 CLOSE_TIMEOUT = 2.0
 """Seconds spent telling a peer why it is dropped before giving up on it."""
 
 _session_numbers = itertools.count(1)
 
 _T = TypeVar("_T")
-
-
-class SessionEnded(Exception):
-    """Ends a session with an Error frame carrying ``code`` and ``text``."""
-
-    def __init__(self, code: ErrorCode, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
 
 
 class Session:
@@ -89,10 +79,8 @@ class Session:
         self._outbox = Outbox[protocol.Message | PendingSend](
             context.config.outbound_queue
         )
-        self._in_flight = 0
-        """Sends handed to the log and not yet answered by the writer."""
-        self._answered: trio.Event | None = None
-        """Set by the writer when it answers a send while the reader waits."""
+        self._sends: SendWindow | None = None
+        """Made at the first send, like the rate bucket."""
         self._peer_left = False
         """The peer said goodbye: answers still settle, but are not written."""
         self._scope = trio.CancelScope()
@@ -275,27 +263,14 @@ class Session:
         the peer hung up, or it was redirected to the partition's owner.
         """
         context = self._context
-        with trio.move_on_after(self._config.handshake_timeout) as timeout:
-            hello = await self._transport.receive()
-        if timeout.cancelled_caught:
-            raise SessionEnded(
-                ErrorCode.HANDSHAKE_TIMEOUT,
-                f"no hello within {self._config.handshake_timeout:g} seconds",
-            )
+        hello = await receive_hello(context, self._transport)
         if hello is None:
             return None
-        assert isinstance(hello, protocol.Hello)
-
-        protocol.check_version(hello)
-        try:
-            verify_token(context.secret, hello.token, user=hello.user)
-        except AuthError as exc:
-            raise SessionEnded(ErrorCode.AUTH_FAILED, str(exc)) from None
 
         partition = context.partition_for(hello.user)
         owner = context.owners.get(partition)
         if owner is None:
-            await self._redirect(partition)
+            await redirect(context, self._transport, partition)
             return None
 
         self.user, self.device = hello.user, hello.device
@@ -310,15 +285,12 @@ class Session:
 
         await self._transport.send(
             [
-                protocol.Welcome(
-                    version=protocol.PROTOCOL_VERSION,
+                welcome(
+                    context,
                     user=self.user,
-                    session=self.session_id[-64:],
-                    server=context.name[:64],
+                    session_id=self.session_id,
                     partition=partition,
                     cursor=resume,
-                    max_frame=self._config.max_frame_size,
-                    idle_timeout=self._config.idle_timeout,
                 )
             ]
         )
@@ -332,22 +304,6 @@ class Session:
             live_from,
         )
         return resume, live_from
-
-    async def _redirect(self, partition: int) -> None:
-        address = self._context.owner_address(partition)
-        if address is None:
-            raise SessionEnded(
-                ErrorCode.UNAVAILABLE,
-                f"partition {partition} has no live owner right now; retry shortly",
-            )
-        host, port, ws_port = address
-        await self._transport.send(
-            [
-                protocol.Redirect(
-                    host=host, port=port, partition=partition, ws_port=ws_port
-                )
-            ]
-        )
 
     # --- reading -------------------------------------------------------------
 
@@ -404,7 +360,8 @@ class Session:
             # Sends read before the goodbye still reach the log, but nothing
             # more may be written to a peer that said goodbye.
             self._peer_left = True
-            await self._wait_for_sends(0)
+            if self._sends is not None:
+                await self._sends.wait_below(1)
             return True
         if isinstance(message, protocol.Error):
             logger.debug(
@@ -492,12 +449,17 @@ class Session:
             )
             return
         context = self._context
+        sends = self._sends
+        if sends is None:
+            sends = self._sends = SendWindow(
+                metrics=context.metrics, session_id=self.session_id
+            )
         received = trio.current_time()
         try:
             record, by_partition = await inbox_copies(
                 context, self.user, self.session_id, send
             )
-            await self._wait_for_sends(SEND_WINDOW - 1)
+            await sends.wait_below(SEND_WINDOW)
             pending = submit_copies(
                 context.backplane,
                 record,
@@ -509,47 +471,10 @@ class Session:
             await self._refuse(refused.code, refused.text, message_id=send.id)
             return
         except AppendFailed as failed:
-            await self._reply(self._unavailable(send.id, failed))
+            await self._reply(sends.unavailable(send.id, failed))
             return
-        self._in_flight += 1
+        sends.in_flight += 1
         await self._reply(pending)
-
-    async def _wait_for_sends(self, at_most: int) -> None:
-        """Wait until no more than ``at_most`` sends wait for the log."""
-        while self._in_flight > at_most:
-            self._answered = trio.Event()
-            await self._answered.wait()
-
-    def _unavailable(self, message_id: str, failed: AppendFailed) -> protocol.Error:
-        """The refusal of a send whose copies are not known to be durable."""
-        logger.warning(
-            "append failed session=%s id=%s: %s", self.session_id, message_id, failed
-        )
-        self._context.metrics.errors.labels(ErrorCode.UNAVAILABLE.value).inc()
-        return protocol.Error(
-            code=ErrorCode.UNAVAILABLE,
-            text="the message log is unavailable; the message was not accepted, "
-            "retry with the same id",
-            fatal=False,
-            id=message_id,
-        )
-
-    async def _answer(self, pending: PendingSend) -> protocol.Message:
-        """The writer's answer to a send: its SendAck once durable, else an Error."""
-        try:
-            positions = await settled(pending)
-        except AppendFailed as failed:
-            answer: protocol.Message = self._unavailable(pending.id, failed)
-        else:
-            metrics = self._context.metrics
-            metrics.messages_in.inc()
-            metrics.ack_latency.observe(trio.current_time() - pending.received)
-            answer = protocol.SendAck(id=pending.id, ts=pending.ts, positions=positions)
-        self._in_flight -= 1
-        if self._answered is not None:
-            self._answered.set()
-            self._answered = None
-        return answer
 
     async def _on_request(self, request: Request) -> None:
         """History and group requests: answered in order, refused without harm."""
@@ -588,7 +513,8 @@ class Session:
                         # Write what is ready before waiting for the log.
                         await self._flush(batch)
                         batch = []
-                    batch.append(await self._answer(item))
+                    assert self._sends is not None
+                    batch.append(await self._sends.answer(item))
                 elif type(item) is protocol.Goodbye:
                     # Nothing may follow a Goodbye, not even a delivery
                     # offered after it; only a stopping session queues one.

@@ -8,8 +8,8 @@ import trio
 import trio.testing
 
 import protocol
+from msgnet._appends import SEND_WINDOW
 from msgnet._backplane import BackplaneUnavailable
-from msgnet._session import SEND_WINDOW
 from tests.support import (
     WAIT,
     client,
