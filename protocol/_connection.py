@@ -110,6 +110,9 @@ _SENDS = {Role.CLIENT: _CLIENT_SENDS, Role.SERVER: _SERVER_SENDS}
 _STATEFUL: frozenset[type[Message]] = _ANY_TIME | {Hello, Welcome, Redirect}
 # What the server may send between receiving Hello and sending Welcome.
 _SERVER_HANDSHAKE = _ANY_TIME | {Welcome, Redirect}
+# What each role may send while open without changing the state: made once
+# here, not per connection, because a server holds one per connected device.
+_STEADY = {role: sends - _STATEFUL for role, sends in _SENDS.items()}
 
 
 def check_version(hello: Hello) -> None:
@@ -152,9 +155,9 @@ class Connection:
         self.max_frame_size = max_frame_size
         self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
 
-        self._steady_sends = _SENDS[role] - _STATEFUL
+        self._steady_sends = _STEADY[role]
         """What this role may send while open without changing the state."""
-        self._steady_receives = _SENDS[self._peer_role] - _STATEFUL
+        self._steady_receives = _STEADY[self._peer_role]
         """What the peer may send while open without changing the state."""
         self._hello_done = False
         """Client: Hello sent. Server: Hello received."""
