@@ -27,45 +27,52 @@ def _pair_key(peer_a: str, peer_b: str) -> str:
 def _write(
     connection: sqlite3.Connection, entries: Sequence[tuple[LogRecord, InboxRecord]]
 ) -> None:
-    with transaction(connection):
-        for log_record, record in entries:
-            conv_kind, conv_key = record.conversation
-
-            # Every copy of a message (one per partition, and any redelivery)
-            # has the same (sender, id): the first write makes the row, the
-            # others find it.
-            # The no-op update makes RETURNING give the seq of the row that
-            # was there already, so one statement serves both cases.
-            (seq,) = connection.execute(
-                """
-                INSERT INTO messages
-                    (sender, id, conv_kind, conv_key, recipient_to, grp, body, ts)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (sender, id) DO UPDATE SET sender = excluded.sender
-                RETURNING seq
-                """,
-                (
-                    record.sender,
-                    record.id,
-                    conv_kind,
-                    conv_key,
-                    record.to,
-                    record.group,
-                    record.body,
-                    record.ts,
-                ),
-            ).fetchone()
-
-            connection.executemany(
-                """
-                INSERT OR IGNORE INTO inbox (user, log_partition, log_offset, seq)
-                VALUES (?, ?, ?, ?)
-                """,
-                [
-                    (user, log_record.partition, log_record.offset, seq)
-                    for user in record.recipients
-                ],
+    messages: list[tuple[object, ...]] = []
+    inbox: list[tuple[object, ...]] = []
+    for log_record, record in entries:
+        conv_kind, conv_key = record.conversation
+        messages.append(
+            (
+                record.sender,
+                record.id,
+                conv_kind,
+                conv_key,
+                record.to,
+                record.group,
+                record.body,
+                record.ts,
             )
+        )
+        partition, offset = log_record.partition, log_record.offset
+        inbox.extend(
+            (user, partition, offset, record.sender, record.id)
+            for user in record.recipients
+        )
+
+    # Two statements for the whole batch, each looped over in C: a statement
+    # per message from Python cost twice as much as the rows themselves.
+    with transaction(connection):
+        # Every copy of a message (one per partition, and any redelivery) has
+        # the same (sender, id): the first write makes the row, the others
+        # leave it as it is.
+        connection.executemany(
+            """
+            INSERT INTO messages
+                (sender, id, conv_kind, conv_key, recipient_to, grp, body, ts)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (sender, id) DO NOTHING
+            """,
+            messages,
+        )
+        # Each inbox row points at the message row by seq, which the unique
+        # (sender, id) index finds whether this batch made the row or not.
+        connection.executemany(
+            """
+            INSERT OR IGNORE INTO inbox (user, log_partition, log_offset, seq)
+            SELECT ?, ?, ?, seq FROM messages WHERE sender = ? AND id = ?
+            """,
+            inbox,
+        )
 
 
 class SQLiteHistoryStore:

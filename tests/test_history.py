@@ -187,6 +187,23 @@ async def test_copies_from_two_partitions_make_one_message_and_two_inbox_rows(
     assert backend.count("inbox") == 2
 
 
+async def test_copies_in_one_batch_share_the_row_the_first_made_and_its_body(
+    backend: Backend,
+) -> None:
+    to_bob = direct("m1", "alice", "bob", recipients=["bob"])
+    reused = attrs.evolve(to_bob, body="another body", recipients=("alice",))
+
+    async with backend.open() as store:
+        await store.write([at(3, 10, to_bob), at(7, 20, reused)])
+
+        [(_, for_bob)] = await store.inbox_since("bob", 3, 0, 99)
+        [(_, for_alice)] = await store.inbox_since("alice", 7, 0, 99)
+        assert for_bob.body == for_alice.body == to_bob.body
+
+    assert backend.count("messages") == 1
+    assert backend.count("inbox") == 2
+
+
 async def test_a_group_record_adds_one_inbox_row_per_recipient(
     store: HistoryStore,
 ) -> None:
