@@ -19,6 +19,7 @@ import functools
 import json
 import multiprocessing
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ from msgnet._kafka import create_inbox_topic
 from ._loadgen import LoadSpec, new_histogram, run_worker
 from ._support import ServerProcess, cpu_seconds, machine, start_server
 from .ceiling import embedded_pipeline, kafka_pipeline, sample_records
+from .profile import start_sampler, summarise_samples
 
 __all__ = ["main", "run_load"]
 
@@ -81,8 +83,13 @@ def run_load(
     drain: float,
     workers: int,
     progress: bool = True,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """One open-loop run at a fixed offered rate; returns every figure."""
+    """One open-loop run at a fixed offered rate; returns every figure.
+
+    With ``profile``, the server is sampled by py-spy over the measured window
+    and the samples are written there (see ``bench/profile.py``).
+    """
     if connections < 2 * workers:
         raise ValueError(
             f"need at least 2 connections per worker, got {connections!r} "
@@ -144,6 +151,7 @@ def run_load(
             mininterval=1.0,
         )
         results: list[dict[str, Any] | None] = [None] * len(pipes)
+        sampler: subprocess.Popen[bytes] | None = None
         while any(result is None for result in results):
             now = time.monotonic_ns()
             for name, moment in (("start", measure_ns), ("end", end_ns)):
@@ -153,6 +161,8 @@ def run_load(
                         for pid in [*pids, server.pid]
                         if pid is not None
                     }
+                    if name == "start" and profile is not None:
+                        sampler = start_sampler(server, profile, duration)
             while not progress_queue.empty():
                 worker, count, _ = progress_queue.get()
                 sent[worker] = count
@@ -167,6 +177,8 @@ def run_load(
             if now > end_ns + int((drain + 120) * 1e9):
                 raise RuntimeError("load workers did not report back in time")
         bar.close()
+        if sampler is not None:
+            sampler.wait(timeout=60)
     finally:
         for process in processes:
             process.join(timeout=10)
@@ -537,6 +549,12 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--no-ceiling", action="store_true", help="skip the ceiling")
     output.add_argument("--no-plots", action="store_true")
     output.add_argument("--no-progress", action="store_true")
+    output.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the server with py-spy over the measured window (needs "
+        "py-spy and permission to trace it) and write NAME-profile.txt",
+    )
     return parser
 
 
@@ -548,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = out / (
         args.name or f"{args.backplane}-{mode}" + ("-sweep" if args.sweep else "")
     )
+    samples = prefix.with_name(prefix.name + "-profile.txt")
     parameters = {
         "backplane": "remote" if args.connect else args.backplane,
         "memory": args.memory,
@@ -568,9 +587,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             drain=args.drain,
             workers=args.workers,
             progress=not args.no_progress,
+            profile=samples if args.profile else None,
         )
         figures["parameters"].update(parameters)
         print(summary(figures), flush=True)
+        if args.profile:
+            print(summarise_samples(samples), flush=True)
         return figures
 
     with _server(args) as server:

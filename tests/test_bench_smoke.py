@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench import ceiling, codec, connections, load
+from bench import ceiling, codec, connections, load, profile
 
 TINY = [
     "--connections=4",
@@ -46,6 +46,40 @@ def test_load_run_writes_summary_json_and_plots(tmp_path: Path) -> None:
     assert set(figures["e2e_latency_ms"]) >= {"p50", "p90", "p99", "p99.9", "max"}
     assert (tmp_path / "run-latency.png").stat().st_size > 0
     assert (tmp_path / "run-timeline.png").stat().st_size > 0
+
+
+def test_profiled_run_writes_the_servers_samples_and_summarises_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    load.main(
+        [
+            *TINY,
+            "--memory",
+            "--no-ceiling",
+            "--no-plots",
+            "--profile",
+            f"--out={tmp_path}",
+            "--name=profiled",
+        ]
+    )
+
+    samples = tmp_path / "profiled-profile.txt"
+    assert samples.stat().st_size > 0
+    assert "samples holding the GIL" in capsys.readouterr().out
+
+
+def test_profile_summary_counts_own_and_inclusive_samples(tmp_path: Path) -> None:
+    samples = tmp_path / "samples.txt"
+    samples.write_text(
+        "main (msgnet/_cli.py:1);read (msgnet/_session.py:5) 3\n"
+        "main (msgnet/_cli.py:1);pack (protocol/_codec.py:9) 1\n"
+    )
+
+    text = profile.summarise_samples(samples)
+
+    assert "75.0%  read (msgnet/_session.py)" in text
+    assert "100.0%  main (msgnet/_cli.py)" in text
+    assert "4 samples" in text
 
 
 def test_group_sweep_reports_a_sustainable_rate_and_plots_the_sweep(
