@@ -272,10 +272,16 @@ class Client:
             if not self._reconnect:
                 raise ConnectionLost("connection closed while sending") from None
 
-    async def _write(self, messages: list[protocol.Message]) -> None:
+    async def _write(
+        self, messages: list[protocol.Message], *, goodbye: bool = False
+    ) -> None:
         async with self._write_lock:
             if self._transport is None:
                 raise trio.ClosedResourceError("not connected")
+            if self._closed and not goodbye:
+                # A write that waited for the lock while aclose said goodbye:
+                # the connection takes nothing after a Goodbye.
+                raise trio.ClosedResourceError("client closed")
             await self._transport.send(messages)
 
     # --- connection --------------------------------------------------------------
@@ -480,7 +486,9 @@ class Client:
         if self._transport is not None:
             with trio.move_on_after(1):
                 try:
-                    await self._write([protocol.Goodbye(reason="client closing")])
+                    await self._write(
+                        [protocol.Goodbye(reason="client closing")], goodbye=True
+                    )
                 except (
                     trio.BrokenResourceError,
                     trio.ClosedResourceError,

@@ -43,6 +43,14 @@ async def test_quiet_client_is_pinged_then_gets_deliveries_and_more_pings() -> N
         assert len(set(numbers)) == len(numbers)
 
 
+async def test_a_pong_queued_when_the_client_closes_is_dropped_not_raised() -> None:
+    # The client answers a ping from a task of its own; if the user closes
+    # meanwhile, that task gets the connection only after the Goodbye.
+    async with running_server() as server, client(server, "alice") as alice:
+        alice._spawn_write(protocol.Pong(n=1))
+        await alice.aclose()
+
+
 async def test_idle_client_dropped_after_reader_pings_gets_an_error_frame() -> None:
     async with running_server(idle_timeout=0.3) as server:
         async with raw_connection(server) as raw:
