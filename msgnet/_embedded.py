@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import collections
+import array
 import functools
 import logging
 import os
@@ -37,10 +37,11 @@ MAX_BATCH = 10_000
 """The most appends one transaction takes: bounds the latency of a commit."""
 
 TAIL_RECORDS = 512
-"""How many of each partition's newest records are also kept in memory.
+"""How many of each partition's newest records a file-backed log also keeps in memory.
 
 Live readers follow the end of their partition, so they are served from memory;
-readers further behind (catch-up after a restart) read from SQLite.
+readers further behind (catch-up after a restart) read from SQLite. A log kept
+in memory only keeps every record there, and has no SQLite at all.
 """
 
 _SCHEMA = (
@@ -81,28 +82,22 @@ class _StoredState:
     """The committed offset of each (group, partition) that has one."""
 
 
-def _connect(directory: Path | None, partitions: int) -> sqlite3.Connection:
+def _connect(directory: Path, partitions: int) -> sqlite3.Connection:
     # Blocking: runs in a worker thread while the backplane is being opened.
-    if directory is None:
-        connection = sqlite3.connect(
-            ":memory:", isolation_level=None, check_same_thread=False
-        )
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(
-            directory / LOG_FILENAME, isolation_level=None, check_same_thread=False
-        )
+    directory.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(
+        directory / LOG_FILENAME, isolation_level=None, check_same_thread=False
+    )
     try:
-        if directory is not None:
-            # WAL: a commit appends to the write-ahead log and readers are never
-            # blocked by it. In WAL mode synchronous=NORMAL only fsyncs at
-            # checkpoints, so a commit that returned could still vanish in a power
-            # cut or OS crash; FULL fsyncs the WAL before COMMIT returns. append()
-            # acknowledges an offset only after that COMMIT, so an acknowledged
-            # record survives the process being killed and, on a disk that
-            # honours fsync, the machine losing power.
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = FULL")
+        # WAL: a commit appends to the write-ahead log and readers are never
+        # blocked by it. In WAL mode synchronous=NORMAL only fsyncs at
+        # checkpoints, so a commit that returned could still vanish in a power
+        # cut or OS crash; FULL fsyncs the WAL before COMMIT returns. append()
+        # acknowledges an offset only after that COMMIT, so an acknowledged
+        # record survives the process being killed and, on a disk that
+        # honours fsync, the machine losing power.
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = FULL")
         for statement in _SCHEMA:
             connection.execute(statement)
 
@@ -143,16 +138,20 @@ def _load(connection: sqlite3.Connection, partitions: int) -> _StoredState:
     return _StoredState(end_offsets=end_offsets, committed=committed)
 
 
+_Row = tuple[int, int, bytes, bytes, int]
+"""A record as it is stored: partition, offset, key, value, timestamp_ms."""
+
+
 def _write(
     connection: sqlite3.Connection,
-    records: Sequence[LogRecord],
+    rows: Sequence[_Row],
     commits: Sequence[tuple[str, int, int]],
 ) -> None:
     with transaction(connection):
         connection.executemany(
             'INSERT INTO records ("partition", "offset", "key", "value", timestamp_ms) '
             "VALUES (?, ?, ?, ?, ?)",
-            [(r.partition, r.offset, r.key, r.value, r.timestamp_ms) for r in records],
+            rows,
         )
         connection.executemany(
             'INSERT OR REPLACE INTO committed_offsets ("group", "partition", "offset") '
@@ -179,6 +178,49 @@ def _read(
         )
         for row_offset, key, value, timestamp_ms in rows
     ]
+
+
+class _Tail:
+    """A partition's newest records in memory, kept as columns.
+
+    Columns rather than a ``LogRecord`` each: bytes and an int array hold
+    nothing the cyclic garbage collector has to visit, where a named tuple per
+    record would be one more object in every full collection. A log kept in
+    memory only keeps all its records here, so that matters as it grows.
+    """
+
+    __slots__ = ("_limit", "keys", "start", "timestamps", "values")
+
+    def __init__(self, start: int, limit: int | None) -> None:
+        self._limit = limit
+        """How many records to keep at least; None keeps every record."""
+        self.start = start
+        """The offset of the first record held."""
+        self.keys: list[bytes] = []
+        self.values: list[bytes] = []
+        self.timestamps = array.array("q")
+
+    def extend(self, keys: list[bytes], values: list[bytes], timestamp_ms: int) -> None:
+        self.keys += keys
+        self.values += values
+        self.timestamps.extend([timestamp_ms] * len(values))
+        limit = self._limit
+        # Trimmed by half its length at a time, so a deletion's cost is spread
+        # over as many appends.
+        if limit is not None and len(self.values) >= 2 * limit:
+            drop = len(self.values) - limit
+            del self.keys[:drop], self.values[:drop], self.timestamps[:drop]
+            self.start += drop
+
+    def read(self, partition: int, offset: int, max_records: int) -> list[LogRecord]:
+        """Up to ``max_records`` from ``offset`` on, which must be held."""
+        first = offset - self.start
+        last = min(len(self.values), first + max_records)
+        keys, values, timestamps = self.keys, self.values, self.timestamps
+        return [
+            LogRecord(partition, self.start + i, keys[i], values[i], timestamps[i])
+            for i in range(first, last)
+        ]
 
 
 class _PendingAppend:
@@ -246,11 +288,17 @@ class EmbeddedBackplane:
     and commit waiting at that moment into one transaction (group commit), so
     many concurrent appenders share one fsync. Offsets are handed out by that
     task in the order records are written, and become visible (``end_offset``,
-    ``read``) only once their transaction has committed.
+    ``read``) only once their transaction has committed. Without a database
+    (in memory) a batch is "committed" as soon as the writer takes it.
     """
 
     def __init__(
-        self, database: Database, *, location: str, partitions: int, state: _StoredState
+        self,
+        database: Database | None,
+        *,
+        location: str,
+        partitions: int,
+        state: _StoredState,
     ) -> None:
         self._database = database
         self._location = location
@@ -259,9 +307,8 @@ class EmbeddedBackplane:
         # What has committed, mirrored in memory: the next offset of each
         # partition, its newest records, and every committed group offset.
         self._end_offsets = list(state.end_offsets)
-        self._tails: list[collections.deque[LogRecord]] = [
-            collections.deque(maxlen=TAIL_RECORDS) for _ in range(partitions)
-        ]
+        limit = None if database is None else TAIL_RECORDS
+        self._tails = [_Tail(end, limit) for end in state.end_offsets]
         self._committed = dict(state.committed)
 
         # Each partition's event is set and replaced whenever records land in
@@ -324,13 +371,10 @@ class EmbeddedBackplane:
         self._check_open()
 
         tail = self._tails[partition]
-        tail_start = self._end_offsets[partition] - len(tail)
-        if offset >= tail_start:
-            # Indexing, not islice: a reader at the end wants the last few of
-            # the tail, and islice would step over all the others first.
-            first = offset - tail_start
-            return [tail[i] for i in range(first, min(len(tail), first + max_records))]
+        if offset >= tail.start:
+            return tail.read(partition, offset, max_records)
 
+        assert self._database is not None, "a log in memory holds every record"
         try:
             return await self._database.run(
                 functools.partial(
@@ -391,7 +435,8 @@ class EmbeddedBackplane:
                 event.set()
 
             await self._writer_done.wait()
-            await self._database.aclose()
+            if self._database is not None:
+                await self._database.aclose()
             self._closed.set()
             logger.info("embedded backplane at %s closed", self._location)
 
@@ -408,11 +453,19 @@ class EmbeddedBackplane:
                 if self._closing:
                     return
 
-                # 2. Take a batch and give its records their offsets; the
-                # offsets become real only if the transaction commits.
+                # 2. Take a batch; its records' offsets become real only if
+                # the transaction commits. In memory there is no transaction
+                # to wait for, so the batch is what waits now: one pass through
+                # the scheduler first lets the appenders ready at this moment
+                # join it, and the batch is published at once.
+                if self._database is None:
+                    await trio.lowlevel.checkpoint()
                 appends = self._take_appends()
                 commits, self._pending_commits = self._pending_commits, []
-                records = self._number(appends)
+                timestamp_ms = time.time_ns() // 1_000_000
+                if self._database is None:
+                    self._publish(appends, commits, timestamp_ms)
+                    continue
 
                 # 3. Write it. Shielded so that a cancelled writer still learns
                 # the outcome of a transaction the worker thread carries on with.
@@ -421,7 +474,7 @@ class EmbeddedBackplane:
                         await self._database.run(
                             functools.partial(
                                 _write,
-                                records=records,
+                                rows=self._rows(appends, timestamp_ms),
                                 commits=[
                                     (c.group, c.partition, c.offset) for c in commits
                                 ],
@@ -448,7 +501,7 @@ class EmbeddedBackplane:
 
                 # 4. Publish: no checkpoint from here on, so readers see the new
                 # end offset and the records together.
-                self._publish(records, appends, commits)
+                self._publish(appends, commits, timestamp_ms)
         finally:
             self._fail_pending()
             self._writer_done.set()
@@ -465,44 +518,45 @@ class EmbeddedBackplane:
         del self._pending_appends[:taken]
         return [pending for pending in batch if not pending.abandoned]
 
-    def _number(self, appends: Sequence[_PendingAppend]) -> list[LogRecord]:
+    def _rows(self, appends: Sequence[_PendingAppend], timestamp_ms: int) -> list[_Row]:
+        """The batch's rows, numbered from each partition's end as it will be."""
         next_offsets = list(self._end_offsets)
-        timestamp_ms = time.time_ns() // 1_000_000
-        records = []
+        rows = []
         for append in appends:
             for partition, key, value in append.records:
-                records.append(
-                    LogRecord(
-                        partition=partition,
-                        offset=next_offsets[partition],
-                        key=key,
-                        value=value,
-                        timestamp_ms=timestamp_ms,
-                    )
+                rows.append(
+                    (partition, next_offsets[partition], key, value, timestamp_ms)
                 )
                 next_offsets[partition] += 1
-        return records
+        return rows
 
     def _publish(
         self,
-        records: Sequence[LogRecord],
         appends: Sequence[_PendingAppend],
         commits: Sequence[_PendingCommit],
+        timestamp_ms: int,
     ) -> None:
-        touched = set()
-        for record in records:
-            self._end_offsets[record.partition] = record.offset + 1
-            self._tails[record.partition].append(record)
-            touched.add(record.partition)
-        numbered = iter(records)
+        """Number the batch's records as ``_rows`` did and make them readable."""
+        end_offsets = self._end_offsets
+        added: dict[int, tuple[list[bytes], list[bytes]]] = {}
         for append in appends:
-            append.settle([next(numbered).offset for _ in append.records])
+            written = []
+            for partition, key, value in append.records:
+                written.append(end_offsets[partition])
+                end_offsets[partition] += 1
+                columns = added.get(partition)
+                if columns is None:
+                    columns = added[partition] = ([], [])
+                columns[0].append(key)
+                columns[1].append(value)
+            append.settle(written)
 
         for commit in commits:
             self._committed[commit.group, commit.partition] = commit.offset
             commit.done.set()
 
-        for partition in touched:
+        for partition, (keys, values) in added.items():
+            self._tails[partition].extend(keys, values, timestamp_ms)
             self._appended[partition].set()
             self._appended[partition] = trio.Event()
 
@@ -546,16 +600,20 @@ async def open_embedded_backplane(
         raise TypeError(f"partitions must be an int, not {partitions!r}")
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, not {partitions!r}")
-    path = None if directory is None else Path(directory)
-    location = ":memory:" if path is None else os.fspath(path)
-
-    connection = await trio.to_thread.run_sync(_connect, path, partitions)
-    database = Database(connection, inline=path is None)
-    try:
-        state = await database.run(functools.partial(_load, partitions=partitions))
-    except BaseException:
-        await database.aclose()
-        raise
+    database = None
+    if directory is None:
+        location = ":memory:"
+        state = _StoredState(end_offsets=[0] * partitions, committed={})
+    else:
+        path = Path(directory)
+        location = os.fspath(path)
+        connection = await trio.to_thread.run_sync(_connect, path, partitions)
+        database = Database(connection)
+        try:
+            state = await database.run(functools.partial(_load, partitions=partitions))
+        except BaseException:
+            await database.aclose()
+            raise
     logger.info(
         "embedded backplane at %s opened with %d partitions", location, partitions
     )

@@ -141,6 +141,23 @@ async def test_records_older_than_the_memory_tail_are_read_from_the_file(
     assert [r.offset for r in newest] == [count - 2, count - 1]
 
 
+async def test_a_log_in_memory_keeps_every_record_readable() -> None:
+    count = TAIL_RECORDS * 3 + 5
+    async with open_embedded_backplane(None, partitions=2) as backplane:
+        for i in range(count):
+            await backplane.append(i % 2, b"k", i.to_bytes(4, "big"))
+
+        first = await backplane.read(1, 0, max_records=3)
+        last = await backplane.read(0, count // 2, max_records=count)
+
+    assert [(r.offset, int.from_bytes(r.value, "big")) for r in first] == [
+        (0, 1),
+        (1, 3),
+        (2, 5),
+    ]
+    assert [r.offset for r in last] == [count // 2]
+
+
 async def test_every_append_racing_close_is_either_durable_or_refused(
     tmp_path: Path,
 ) -> None:
