@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from array import array
 from collections import Counter
 from typing import Any
 
@@ -66,13 +67,21 @@ class _Conn:
 
 @attrs.define(eq=False)
 class _Tally:
-    """What a worker measures; times are monotonic nanoseconds."""
+    """What a worker measures; times are monotonic nanoseconds.
+
+    Latencies are kept as plain numbers while the load runs and go into the
+    histograms only afterwards (``histograms``): recording a value is pure
+    Python in ``hdrh`` and would take the server's CPU three times a message,
+    where appending to an array costs a tenth of that. The histograms come out
+    the same, since the order values are recorded in does not matter.
+    """
 
     start_ns: int = 0
     measure_ns: int = 0
     end_ns: int = 0
-    e2e: HdrHistogram = attrs.field(factory=new_histogram)
-    ack: HdrHistogram = attrs.field(factory=new_histogram)
+    e2e_ns: dict[int, array[int]] = attrs.field(factory=dict)
+    """Second since start -> end-to-end latencies of deliveries decoded in it."""
+    ack_ns: array[int] = attrs.field(factory=lambda: array("q"))
     offered: int = 0
     acked: int = 0
     delivered: int = 0
@@ -82,7 +91,6 @@ class _Tally:
     disconnects: int = 0
     series: dict[int, list[int]] = attrs.field(factory=dict)
     """Second since start -> [offered, acked, delivered] events in that second."""
-    series_p99: dict[int, HdrHistogram] = attrs.field(factory=dict)
 
     def in_window(self, due: int) -> bool:
         return self.measure_ns <= due < self.end_ns
@@ -93,6 +101,27 @@ class _Tally:
         if row is None:
             row = self.series[second] = [0, 0, 0]
         return row
+
+    def record_delivery(self, now: int, latency: int) -> None:
+        """Keep the latency of a delivery in the window, decoded at ``now``."""
+        second = (now - self.start_ns) // 10**9
+        latencies = self.e2e_ns.get(second)
+        if latencies is None:
+            latencies = self.e2e_ns[second] = array("q")
+        latencies.append(latency)
+
+    def histograms(self) -> tuple[HdrHistogram, HdrHistogram, dict[int, HdrHistogram]]:
+        """End-to-end, ack, and each second's end-to-end histogram."""
+        e2e, ack = new_histogram(), new_histogram()
+        series_p99 = {}
+        for second, latencies in self.e2e_ns.items():
+            histogram = series_p99[second] = new_histogram()
+            for latency in latencies:
+                e2e.record_value(latency)
+                histogram.record_value(latency)
+        for latency in self.ack_ns:
+            ack.record_value(latency)
+        return e2e, ack, series_p99
 
 
 def _body(due_ns: int, size: int) -> str:
@@ -196,13 +225,7 @@ async def _read(conn: _Conn, tally: _Tally) -> None:
                 tally.bucket(now)[2] += 1
                 if tally.in_window(due):
                     tally.delivered += 1
-                    latency = max(LOWEST_NS, now - due)
-                    tally.e2e.record_value(latency)
-                    second = (now - tally.start_ns) // 10**9
-                    histogram = tally.series_p99.get(second)
-                    if histogram is None:
-                        histogram = tally.series_p99[second] = new_histogram()
-                    histogram.record_value(latency)
+                    tally.record_delivery(now, max(LOWEST_NS, now - due))
             elif isinstance(message, protocol.SendAck):
                 scheduled = conn.pending.pop(message.id, None)
                 if scheduled is None:
@@ -210,7 +233,7 @@ async def _read(conn: _Conn, tally: _Tally) -> None:
                 tally.bucket(now)[1] += 1
                 if tally.in_window(scheduled):
                     tally.acked += 1
-                    tally.ack.record_value(max(LOWEST_NS, now - scheduled))
+                    tally.ack_ns.append(max(LOWEST_NS, now - scheduled))
             elif isinstance(message, protocol.Error):
                 tally.errors[str(message.code)] += 1
                 if message.id is not None:
@@ -338,6 +361,7 @@ async def _run(
     for conn in conns:
         await conn.transport.aclose()
 
+    e2e, ack, series_p99 = tally.histograms()
     return {
         "ramp": ramp,
         "offered": tally.offered,
@@ -346,10 +370,10 @@ async def _run(
         "expected": tally.expected,
         "errors": dict(tally.errors),
         "disconnects": tally.disconnects,
-        "e2e": tally.e2e.encode(),
-        "ack": tally.ack.encode(),
+        "e2e": e2e.encode(),
+        "ack": ack.encode(),
         "series": {str(k): v for k, v in tally.series.items()},
-        "series_p99": {str(k): h.encode() for k, h in tally.series_p99.items()},
+        "series_p99": {str(k): h.encode() for k, h in series_p99.items()},
     }
 
 
