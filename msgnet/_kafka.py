@@ -28,6 +28,7 @@ from ._backplane import (
     check_offset,
     check_partition,
 )
+from ._kafka_tail import TailFollower
 
 __all__ = [
     "DEFAULT_TOPIC",
@@ -248,6 +249,11 @@ class KafkaBackplane:
 
         self._offsets_client = _GroupClient()
         self._groups: dict[str, _GroupClient] = {}
+        self._follower = TailFollower(
+            topic=topic,
+            new_consumer=functools.partial(self._new_consumer, None),
+            closed_message=self._closed_message(),
+        )
 
         self._closing = False
         self._closed = trio.Event()
@@ -296,6 +302,12 @@ class KafkaBackplane:
             raise ValueError(f"max_records must be a positive int, not {max_records!r}")
         self._check_open()
 
+        followed = await self._follower.read(partition, offset, max_records)
+        if followed is not None:
+            return followed
+
+        # Behind the records the follower holds (a catch-up): a consumer of
+        # its own, left where this read ends for the next one.
         cancel = threading.Event()
         self._read_cancels.add(cancel)
         reader = self._idle_reader(partition)
@@ -378,6 +390,7 @@ class KafkaBackplane:
                 return
 
             self._closing = True
+            self._follower.close()
             for cancel in self._read_cancels:
                 cancel.set()
             self._outbox.put(None)
@@ -630,6 +643,7 @@ class KafkaBackplane:
 
     def _close_clients(self) -> None:
         self._sender.join()
+        self._follower.join()
         # close() flushes: every record handed to send() is acknowledged or
         # failed (after at most the delivery timeout) before it returns.
         self._producer.close(timeout=self._request_timeout_ms / 1000 + 5)
@@ -767,6 +781,7 @@ async def open_kafka_backplane(
         request_timeout_ms=request_timeout_ms,
     )
     backplane._sender.start()
+    backplane._follower.start()
     logger.info(
         "Kafka backplane on topic %s at %s opened with %d partitions",
         topic,

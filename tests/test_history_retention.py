@@ -30,11 +30,10 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 PARTITIONS = 2
 
 
-@asynccontextmanager
-async def kafka_server(
-    bootstrap: str, **overrides: object
-) -> AsyncIterator[tuple[RunningServer, str]]:
-    inbox = f"test-retention-{uuid.uuid4().hex}"
+async def new_topics(bootstrap: str, inbox: str | None = None) -> tuple[str, str]:
+    """A fresh cluster map whose one slot owns every partition of ``inbox``
+    (a fresh one too, unless given)."""
+    inbox = inbox or f"test-retention-{uuid.uuid4().hex}"
     cluster = f"test-retention-cluster-{uuid.uuid4().hex}"
     await init_cluster(
         bootstrap,
@@ -43,6 +42,14 @@ async def kafka_server(
         inbox_topic=inbox,
         cluster_topic=cluster,
     )
+    return inbox, cluster
+
+
+@asynccontextmanager
+async def kafka_server(
+    bootstrap: str, topics: tuple[str, str] | None = None, **overrides: object
+) -> AsyncIterator[tuple[RunningServer, str]]:
+    inbox, cluster = topics or await new_topics(bootstrap)
     async with running_server(
         backplane="kafka",
         kafka_bootstrap=bootstrap,
@@ -90,13 +97,21 @@ async def test_records_deleted_before_history_stored_them_end_catch_up_with_an_e
     # No history writer runs, so the store holds nothing of these records.
     async with kafka_server(kafka_bootstrap, history_writer=False) as (server, inbox):
         first, second, third = await send_three_to_bob(server)
-        await trio.to_thread.run_sync(
-            functools.partial(delete_before, kafka_bootstrap, inbox, second)
-        )
+    await trio.to_thread.run_sync(
+        functools.partial(delete_before, kafka_bootstrap, inbox, second)
+    )
 
+    # A server started after the deletion, as retention deletes records far
+    # older than any server keeps in memory: it finds them gone from Kafka.
+    # (A cluster map of its own, so it owns the slot without a takeover.)
+    topics = await new_topics(kafka_bootstrap, inbox)
+    async with kafka_server(kafka_bootstrap, topics, history_writer=False) as (
+        server,
+        _,
+    ):
         async with raw_connection(server) as raw:
             welcome = await raw.hello("bob", device="phone", resume=first)
-            assert isinstance(welcome, protocol.Welcome)
+            assert isinstance(welcome, protocol.Welcome), welcome
             text = await expect_fatal_error_then_close(raw, ErrorCode.UNAVAILABLE)
         assert f"offsets {first}..{second - 1} were deleted" in text
         assert f"resume={second}" in text
