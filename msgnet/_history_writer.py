@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Sequence
 
 import trio
@@ -20,6 +21,16 @@ HISTORY_GROUP = "msgnet-history"
 """The consumer group of history writers; its offset marks what the store holds."""
 
 BATCH_SIZE = 1000
+
+COMMIT_INTERVAL = 0.5
+"""Most seconds between a batch being stored and the group's offset saying so.
+
+The offset only tells catch-up where the store ends and the log must be read
+instead, so it may lag the store (never run ahead of it). On Kafka a commit
+is a broker round trip, and one per batch and partition was a large part of
+a busy server's CPU; committing at most this often, and when a writer falls
+quiet with a batch not yet committed, keeps that to two a second a partition.
+"""
 
 LINGER = 0.05
 """Seconds a writer that caught up waits before its next batch.
@@ -46,32 +57,49 @@ async def write_history(
     group's offset never runs ahead of the store: every record below it is
     stored. A crash between the two writes the batch again, which the store's
     keys make harmless. Catch-up relies on exactly this (see
-    ``_catchup.catch_up``).
+    ``_catchup.catch_up``). Commits wait up to ``COMMIT_INTERVAL`` to cover
+    several batches at once.
     """
     what = f"writing history of partition {partition}"
     committed = await until_available(
         functools.partial(backplane.committed, group, partition), what=what
     )
-    offset = committed or 0
+    # Where the next batch starts, and what the group's offset says is stored.
+    offset = stored = committed or 0
+    commit_at = trio.current_time() + COMMIT_INTERVAL
     task_status.started()
 
-    while True:
-        records = await until_available(
-            functools.partial(
-                backplane.read, partition, offset, max_records=BATCH_SIZE
-            ),
-            what=what,
+    async def commit() -> None:
+        nonlocal stored, commit_at
+        await until_available(
+            functools.partial(backplane.commit, group, partition, offset), what=what
         )
+        stored = offset
+        commit_at = trio.current_time() + COMMIT_INTERVAL
+
+    while True:
+        # 1. The next batch; a quiet log first lets a pending commit out.
+        records = None
+        with trio.move_on_at(commit_at if stored != offset else math.inf):
+            records = await until_available(
+                functools.partial(
+                    backplane.read, partition, offset, max_records=BATCH_SIZE
+                ),
+                what=what,
+            )
+        if records is None:
+            await commit()
+            continue
+
+        # 2. Store it, then say so when it is time.
         if records[0].offset > offset:
             warn_retention_gap(partition, offset, records[0].offset)
         entries = decode_entries(records)
         if entries:
             await store.write(entries)
-        end = records[-1].offset + 1
-        await until_available(
-            functools.partial(backplane.commit, group, partition, end), what=what
-        )
-        offset = end
+        offset = records[-1].offset + 1
+        if trio.current_time() >= commit_at:
+            await commit()
         if len(records) < BATCH_SIZE:
             await trio.sleep(linger)
 
