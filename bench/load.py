@@ -152,7 +152,7 @@ def run_load(
         )
         results: list[dict[str, Any] | None] = [None] * len(pipes)
         sampler: subprocess.Popen[bytes] | None = None
-        while any(result is None for result in results):
+        while True:
             now = time.monotonic_ns()
             for name, moment in (("start", measure_ns), ("end", end_ns)):
                 if name not in cpu_at and now >= moment:
@@ -163,6 +163,11 @@ def run_load(
                     }
                     if name == "start" and profile is not None:
                         sampler = start_sampler(server, profile, duration)
+            # Checked after the readings: workers that report back just after
+            # the window's end still get its end reading (an exited worker's
+            # /proc entry stays readable until it is joined).
+            if all(result is not None for result in results):
+                break
             while not progress_queue.empty():
                 worker, count, _ = progress_queue.get()
                 sent[worker] = count
@@ -443,6 +448,7 @@ def _server(args: argparse.Namespace) -> Iterator[ServerProcess]:
         )
         return
     options = [
+        *args.server_arg,
         f"--max-connections={2 * args.connections + 100}",
         "--idle-timeout=3600",
         f"--partitions={args.partitions}",
@@ -529,6 +535,14 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--kafka-bootstrap", default="127.0.0.1:9092")
     target.add_argument("--memory", action="store_true", help="embedded log in memory")
     target.add_argument("--partitions", type=int, default=16)
+    target.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to the msgnet serve it starts, e.g. "
+        "--server-arg=--kafka-linger-ms=5 (repeatable)",
+    )
     load = parser.add_argument_group("load")
     load.add_argument("--connections", type=int, default=200)
     load.add_argument("--rate", type=float, default=2000, help="messages/s offered")

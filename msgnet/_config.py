@@ -43,6 +43,13 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> 
         raise ConfigError(f"{attribute.name} must be positive, got {value!r}")
 
 
+def _not_negative(
+    instance: object, attribute: attrs.Attribute[Any], value: Any
+) -> None:
+    if value < 0:
+        raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
+
+
 def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ConfigError(f"{attribute.name} must be a port 0..65535, got {value!r}")
@@ -106,6 +113,12 @@ class ServerConfig:
     )
     kafka_bootstrap: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers")
     kafka_topic: str = _setting("msgnet.inbox", "Kafka inbox topic")
+    kafka_linger_ms: int = _setting(
+        2,
+        "ms the Kafka producer waits to fill a batch: more costs latency, "
+        "saves the server CPU per message",
+        validator=_not_negative,
+    )
     cluster_topic: str = _setting(
         "msgnet.cluster", "Kafka topic holding the cluster map and heartbeats"
     )

@@ -61,7 +61,10 @@ async def open_backplane(config: ServerConfig) -> AsyncIterator[Backplane]:
     """The configured log: the embedded SQLite one, or Kafka."""
     if config.backplane == "kafka":
         async with open_kafka_backplane(
-            config.kafka_bootstrap, topic=config.kafka_topic, partitions=None
+            config.kafka_bootstrap,
+            topic=config.kafka_topic,
+            partitions=None,
+            linger_ms=config.kafka_linger_ms,
         ) as kafka:
             yield kafka
         return
