@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import attrs
 import trio
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
@@ -27,6 +24,12 @@ from ._backplane import (
     check_group,
     check_offset,
     check_partition,
+)
+from ._kafka_producer import (
+    RECONNECT_BACKOFF_MAX_MS,
+    PendingAppend,
+    RecordSender,
+    new_producer,
 )
 from ._kafka_tail import TailFollower
 
@@ -49,13 +52,6 @@ _POLL_INTERVAL_MS = 500
 
 _READERS_PER_PARTITION = 4
 """Consumers one partition may have for reads at once: the owner's, and catch-ups."""
-
-PRODUCER_REPLACE_INTERVAL_S = 5.0
-"""Least time between two producer replacements, so an outage does not churn."""
-
-RECONNECT_BACKOFF_MAX_MS = 1000
-"""Cap on kafka-python's reconnect backoff (its default grows to 30 s), so a
-server notices a restarted broker within a second instead of half a minute."""
 
 _UNKNOWN_TOPIC_OR_PARTITION = 3
 """Kafka's error code for a topic that does not exist."""
@@ -146,30 +142,6 @@ def create_inbox_topic(
 
 
 @attrs.define(eq=False)
-class _PendingAppend:
-    """Submitted records handed to the producer, waiting for Kafka's acks."""
-
-    records: Sequence[Append]
-    written: list[int | None]
-    """Each record's offset, once acknowledged."""
-    unacknowledged: int
-    done: trio.Event = attrs.field(factory=trio.Event)
-    failure: str | None = None
-
-    def settled(self) -> bool:
-        """``Appending.settled``."""
-        return self.done.is_set()
-
-    async def offsets(self) -> list[int]:
-        """``Appending.offsets``: waits for every record's acknowledgement."""
-        if not self.done.is_set():
-            await self.done.wait()
-        if self.failure is not None:
-            raise BackplaneUnavailable(self.failure)
-        return cast("list[int]", self.written)
-
-
-@attrs.define(eq=False)
 class _PartitionReader:
     """One partition's consumer, used by one thread at a time under ``lock``."""
 
@@ -195,15 +167,15 @@ class KafkaBackplane:
 
     kafka-python blocks, so it runs off the trio thread:
 
-    - Appends go through one thread-safe ``KafkaProducer``, which batches them.
-      One sender thread hands queued records to ``send()`` (which can block on
-      metadata or a full buffer); the producer's own I/O thread reports each
-      acknowledgement through the trio token, so no thread waits per record.
-    - Each partition that is read has its own ``KafkaConsumer`` (a consumer is
-      not thread-safe), used by one worker thread at a time. A read polls in
-      short steps so that a cancelled read gives its thread back quickly, and
-      the consumer stays where the last read ended, so a reader following a
-      partition uses Kafka's prefetched records without a seek.
+    - Appends go through one thread-safe ``KafkaProducer``, which batches them,
+      fed and settled by a ``RecordSender`` (``_kafka_producer``).
+    - Reads at the end of a partition (its owner, the history writer) share
+      one consumer that follows every such partition, a ``TailFollower``
+      (``_kafka_tail``). A read further behind (a catch-up) has a
+      ``KafkaConsumer`` of its own (a consumer is not thread-safe), used by
+      one worker thread at a time; it polls in short steps so that a
+      cancelled read gives its thread back quickly, and stays where the last
+      read ended, so the next read uses Kafka's prefetched records.
     - Commits go through one consumer per group that never joins the group: it
       commits explicit offsets (generation -1), which Kafka accepts for a group
       with no subscribed members.
@@ -222,20 +194,12 @@ class KafkaBackplane:
         self._bootstrap = bootstrap
         self._topic = topic
         self._partitions = partitions
-        self._producer = producer
-        self._new_producer = new_producer
-        self._producer_failed = threading.Event()
-        self._producer_replaced_at = -math.inf
         self._request_timeout_ms = request_timeout_ms
-        self._token = trio.lowlevel.current_trio_token()
-
-        self._outbox: queue.SimpleQueue[_PendingAppend | None] = queue.SimpleQueue()
-        self._unsettled: set[_PendingAppend] = set()
-        self._outcomes: list[tuple[_PendingAppend, int, int | None, str | None]] = []
-        self._outcomes_lock = threading.Lock()
-        self._outcomes_scheduled = False
-        self._sender = threading.Thread(
-            target=self._send_loop, name=f"msgnet-kafka-sender-{topic}", daemon=True
+        self._sender = RecordSender(
+            topic=topic,
+            producer=producer,
+            new_producer=new_producer,
+            close_timeout_s=request_timeout_ms / 1000 + 5,
         )
 
         self._readers = [
@@ -263,7 +227,7 @@ class KafkaBackplane:
         """The topic's partition count, checked when the backplane was opened."""
         return self._partitions
 
-    def submit(self, records: Sequence[Append]) -> _PendingAppend:
+    def submit(self, records: Sequence[Append]) -> PendingAppend:
         """Hand records to the producer's queue; ``Backplane.submit``.
 
         Raises ``BackplaneUnavailable`` if the backplane is closed. A record
@@ -271,12 +235,7 @@ class KafkaBackplane:
         """
         check_appends(records, self._partitions, f"topic {self._topic}")
         self._check_open()
-        pending = _PendingAppend(
-            records, written=[None] * len(records), unacknowledged=len(records)
-        )
-        self._unsettled.add(pending)
-        self._outbox.put(pending)
-        return pending
+        return self._sender.submit(records)
 
     async def append(self, partition: int, key: bytes, value: bytes) -> int:
         """Append one record and return its offset once every in-sync replica has it.
@@ -393,135 +352,14 @@ class KafkaBackplane:
             self._follower.close()
             for cancel in self._read_cancels:
                 cancel.set()
-            self._outbox.put(None)
             await trio.to_thread.run_sync(self._close_clients)
 
             # Acknowledgements reported while the producer flushed were queued
             # on the trio token before the thread above returned, so they have
             # run; what is left was never confirmed.
-            self._fail_unsettled()
+            self._sender.fail_unsettled(self._closed_message())
             self._closed.set()
             logger.info("Kafka backplane on topic %s closed", self._topic)
-
-    # The sender thread and the producer's callbacks.
-
-    def _send_loop(self) -> None:
-        while (pending := self._outbox.get()) is not None:
-            for index, (partition, key, value) in enumerate(pending.records):
-                if self._producer_failed.is_set():
-                    self._replace_producer()
-                try:
-                    future = self._producer.send(
-                        self._topic, key=key, value=value, partition=partition
-                    )
-                except Exception as exc:
-                    # send() raises for a full buffer or unknown metadata past
-                    # max_block_ms, or a producer closed under it.
-                    self._settle_soon(
-                        pending, index, None, f"Kafka refused the record: {exc!r}"
-                    )
-                    self._producer_failed.set()
-                    continue
-                future.add_callback(self._on_delivered, pending, index)
-                future.add_errback(self._on_failed, pending, index)
-
-    def _on_delivered(self, pending: _PendingAppend, index: int, metadata: Any) -> None:
-        self._settle_soon(pending, index, metadata.offset, None)
-
-    def _replace_producer(self) -> None:
-        """Start over with a new producer after one failed to deliver.
-
-        A kafka-python producer that lost its broker with batches in flight
-        can stay stuck after the broker is back (seen with broker restarts
-        under load: every later record expired). A new producer gets a new
-        producer id and fresh connections; records the old one may still have
-        written are duplicates that readers drop by message id.
-        """
-        now = time.monotonic()
-        if now - self._producer_replaced_at < PRODUCER_REPLACE_INTERVAL_S:
-            return
-        self._producer_replaced_at = now
-        self._producer_failed.clear()
-        try:
-            new = self._new_producer()
-        except Exception:
-            # Kafka is still away; the next failure tries again.
-            logger.warning("cannot replace the Kafka producer yet", exc_info=True)
-            return
-        old, self._producer = self._producer, new
-        logger.warning(
-            "replaced the Kafka producer for %s after a failure", self._topic
-        )
-        threading.Thread(
-            target=old.close,
-            kwargs={"timeout": 0},
-            name="msgnet-kafka-close",
-            daemon=True,
-        ).start()
-
-    def _on_failed(
-        self, pending: _PendingAppend, index: int, exc: BaseException
-    ) -> None:
-        self._producer_failed.set()
-        self._settle_soon(
-            pending,
-            index,
-            None,
-            f"Kafka did not confirm the append to {self._topic}: {exc!r}",
-        )
-
-    def _settle_soon(
-        self,
-        pending: _PendingAppend,
-        index: int,
-        offset: int | None,
-        failure: str | None,
-    ) -> None:
-        # Called from kafka-python's threads: only the trio thread may touch the
-        # pending append's event. Outcomes are collected and handed over in
-        # batches, one trio wake-up for all that arrived meanwhile.
-        with self._outcomes_lock:
-            self._outcomes.append((pending, index, offset, failure))
-            if self._outcomes_scheduled:
-                return
-            self._outcomes_scheduled = True
-        try:
-            self._token.run_sync_soon(self._settle_outcomes)
-        except trio.RunFinishedError:
-            logger.warning(
-                "Kafka acknowledgements arrived after trio exited; dropped them"
-            )
-
-    def _settle_outcomes(self) -> None:
-        with self._outcomes_lock:
-            outcomes, self._outcomes = self._outcomes, []
-            self._outcomes_scheduled = False
-        for pending, index, offset, failure in outcomes:
-            self._settle(pending, index, offset, failure)
-
-    def _settle(
-        self,
-        pending: _PendingAppend,
-        index: int,
-        offset: int | None,
-        failure: str | None,
-    ) -> None:
-        if pending not in self._unsettled:
-            return
-        pending.written[index] = offset
-        if failure is not None and pending.failure is None:
-            pending.failure = failure
-        pending.unacknowledged -= 1
-        if pending.unacknowledged == 0:
-            self._unsettled.discard(pending)
-            pending.done.set()
-
-    def _fail_unsettled(self) -> None:
-        for pending in self._unsettled:
-            if pending.failure is None:
-                pending.failure = self._closed_message()
-            pending.done.set()
-        self._unsettled.clear()
 
     # Reading and control calls, run in worker threads.
 
@@ -642,11 +480,8 @@ class KafkaBackplane:
             ) from exc
 
     def _close_clients(self) -> None:
-        self._sender.join()
+        self._sender.close()
         self._follower.join()
-        # close() flushes: every record handed to send() is acknowledged or
-        # failed (after at most the delivery timeout) before it returns.
-        self._producer.close(timeout=self._request_timeout_ms / 1000 + 5)
         clients: list[_GroupClient | _PartitionReader] = [
             self._offsets_client,
             *self._groups.values(),
@@ -669,25 +504,6 @@ class KafkaBackplane:
 
     def _check_partition(self, partition: int) -> None:
         check_partition(partition, self._partitions, f"topic {self._topic}")
-
-
-def _new_producer(
-    bootstrap: str, *, linger_ms: int, delivery_timeout_ms: int, request_timeout_ms: int
-) -> Any:
-    """An idempotent producer with ``acks=all``: an acknowledged record is on
-    every in-sync replica, and retries never write it twice."""
-    return KafkaProducer(
-        bootstrap_servers=bootstrap,
-        enable_idempotence=True,
-        acks="all",
-        linger_ms=linger_ms,
-        batch_size=64 * 1024,
-        delivery_timeout_ms=delivery_timeout_ms,
-        request_timeout_ms=request_timeout_ms,
-        max_block_ms=delivery_timeout_ms,
-        allow_auto_create_topics=False,
-        reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
-    )
 
 
 def _connect(
@@ -715,7 +531,7 @@ def _connect(
         assert expected is not None
         _check_partition_count(topic, found, expected)
 
-        producer = _new_producer(
+        producer = new_producer(
             bootstrap,
             linger_ms=linger_ms,
             delivery_timeout_ms=delivery_timeout_ms,
@@ -772,7 +588,7 @@ async def open_kafka_backplane(
         partitions=count,
         producer=producer,
         new_producer=functools.partial(
-            _new_producer,
+            new_producer,
             bootstrap,
             linger_ms=linger_ms,
             delivery_timeout_ms=delivery_timeout_ms,
