@@ -83,13 +83,24 @@ def _figures(
 
 
 def kafka_pipeline(
-    bootstrap: str, records: Sequence[Record], *, count: int, partitions: int
+    bootstrap: str,
+    records: Sequence[Record],
+    *,
+    count: int,
+    partitions: int,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """Produce ``count`` records (cycling ``records``) and consume them all, raw.
 
     The producer has the settings of msgnet's Kafka backplane (idempotent,
     acks=all, linger 2 ms, 64 KiB batches); one consumer reads every partition
     while the producer runs. Blocking.
+
+    Without ``rate`` the records are sent as fast as ``send`` takes them,
+    which fills big batches: the most the pipeline can carry. With it, they
+    are sent at ``rate`` a second, as a server's clients would hand them over,
+    and the figures say what CPU the pipeline alone needs for that
+    (``cpu_percent``, 100 = one core, and ``cpu_us_per_record``).
     """
     topic = f"msgnet.bench.ceiling.{secrets.token_hex(4)}"
     create_inbox_topic(bootstrap, topic, partitions=partitions)
@@ -123,19 +134,28 @@ def kafka_pipeline(
 
     reader = threading.Thread(target=consume, daemon=True)
     try:
+        cpu_started = time.process_time()
         started = time.monotonic()
         reader.start()
         for i in range(count):
+            if rate is not None:
+                wait = started + i / rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
             partition, key, value = records[i % len(records)]
             producer.send(topic, key=key, value=value, partition=partition)
         producer.flush()
         produced = time.monotonic() - started
         reader.join()
         consumed = consumed_at[0] - started
+        cpu = time.process_time() - cpu_started
     finally:
         producer.close()
         consumer.close()
-    return _figures(count, records, produced, consumed)
+    figures = _figures(count, records, produced, consumed)
+    figures["cpu_percent"] = 100 * cpu / consumed
+    figures["cpu_us_per_record"] = 1e6 * cpu / count
+    return figures
 
 
 async def _embedded(
@@ -206,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=0)
     parser.add_argument("--data-dir", help="embedded: log directory (default: memory)")
+    parser.add_argument(
+        "--rate", type=float, help="kafka: records/s to send at (default: all at once)"
+    )
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -219,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             records,
             count=args.records,
             partitions=args.partitions,
+            rate=args.rate,
         )
     else:
         figures = embedded_pipeline(
@@ -229,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{figures['record_bytes']:.0f} B: appended {figures['append_per_s']:,.0f}/s, "
         f"appended and read back {figures['pipeline_per_s']:,.0f}/s"
     )
+    if "cpu_percent" in figures:
+        print(
+            f"kafka-python's CPU: {figures['cpu_percent']:.1f}% of a core, "
+            f"{figures['cpu_us_per_record']:.0f} us per record"
+        )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(figures, out, indent=2)

@@ -510,6 +510,22 @@ def _ceiling(args: argparse.Namespace, messages: int) -> dict[str, Any]:
             )
     figures["appends_per_message"] = appends_per_message
     figures["messages_per_s"] = figures["pipeline_per_s"] / appends_per_message
+    if args.backplane == "kafka":
+        # The same records again, sent at the run's pace rather than all at
+        # once: what kafka-python alone costs at the rate the server carried.
+        paced_count = max(1, int(messages * appends_per_message))
+        paced = kafka_pipeline(
+            args.kafka_bootstrap,
+            records,
+            count=paced_count,
+            partitions=args.partitions,
+            rate=paced_count / args.duration,
+        )
+        figures["paced"] = {
+            "records_per_s": paced_count / args.duration,
+            "cpu_percent": paced["cpu_percent"],
+            "cpu_us_per_record": paced["cpu_us_per_record"],
+        }
     return figures
 
 
@@ -649,6 +665,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{ceiling['appends_per_message']:.2f} per message); msgnet at "
             f"{measured:,.0f} msg/s is {ceiling['msgnet_ratio']:.0%} of it"
         )
+        if "paced" in ceiling:
+            paced = ceiling["paced"]
+            print(
+                f"  raw kafka-python sending the same records at the run's pace "
+                f"({paced['records_per_s']:,.0f}/s) and reading them: "
+                f"{paced['cpu_percent']:.0f}% of a core "
+                f"({paced['cpu_us_per_record']:.0f} us per record)"
+            )
 
     written = []
     if not args.no_plots:

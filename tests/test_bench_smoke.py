@@ -146,6 +146,48 @@ def test_kafka_ceiling_produces_and_consumes_every_record(
     assert figures["pipeline_per_s"] > 0
 
 
+@pytest.mark.kafka
+def test_kafka_ceiling_at_a_rate_paces_its_sends_and_reports_its_cpu(
+    kafka_bootstrap: str,
+) -> None:
+    records = ceiling.sample_records(["a", "b"], partitions=2, size=10, group_size=0)
+    figures = ceiling.kafka_pipeline(
+        kafka_bootstrap, records, count=50, partitions=2, rate=200
+    )
+
+    assert figures["records"] == 50
+    # The 50th record is due 49 / 200 s after the first.
+    assert figures["append_seconds"] >= 49 / 200
+    assert figures["cpu_percent"] > 0
+    assert figures["cpu_us_per_record"] > 0
+
+
+@pytest.mark.kafka
+def test_kafka_load_run_reports_the_ceiling_and_its_cpu_at_the_runs_pace(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    load.main(
+        [
+            *TINY,
+            "--backplane=kafka",
+            f"--kafka-bootstrap={kafka_bootstrap}",
+            "--partitions=4",
+            "--no-plots",
+            f"--out={tmp_path}",
+            "--name=kafka",
+        ]
+    )
+
+    figures = _figures(tmp_path / "kafka.json")
+    assert figures["acked_per_s"] > 0
+    assert figures["ceiling"]["msgnet_ratio"] > 0
+    assert set(figures["ceiling"]["paced"]) == {
+        "records_per_s",
+        "cpu_percent",
+        "cpu_us_per_record",
+    }
+
+
 def test_connections_bench_holds_connections_and_reports_memory() -> None:
     figures = connections.hold_connections(connections=20, workers=2, time_limit=60)
 
