@@ -20,12 +20,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import trio
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
+from msgnet._config import ServerConfig
 from msgnet._embedded import open_embedded_backplane
 from msgnet._kafka import create_inbox_topic
+from msgnet._kafka_producer import new_producer
 from msgnet._records import InboxRecord
 from msgnet._routing import partition_for
+
+KAFKA_LINGER_MS: int = ServerConfig().kafka_linger_ms
+"""The server's producer linger, so the raw pipeline batches as msgnet does."""
 
 __all__ = ["embedded_pipeline", "kafka_pipeline", "main", "sample_records"]
 
@@ -89,11 +94,12 @@ def kafka_pipeline(
     count: int,
     partitions: int,
     rate: float | None = None,
+    linger_ms: int = KAFKA_LINGER_MS,
 ) -> dict[str, Any]:
     """Produce ``count`` records (cycling ``records``) and consume them all, raw.
 
-    The producer has the settings of msgnet's Kafka backplane (idempotent,
-    acks=all, linger 2 ms, 64 KiB batches); one consumer reads every partition
+    The producer is made as msgnet's Kafka backplane makes its own (idempotent,
+    acks=all, ``linger_ms``, 64 KiB batches); one consumer reads every partition
     while the producer runs. Blocking.
 
     Without ``rate`` the records are sent as fast as ``send`` takes them,
@@ -104,16 +110,11 @@ def kafka_pipeline(
     """
     topic = f"msgnet.bench.ceiling.{secrets.token_hex(4)}"
     create_inbox_topic(bootstrap, topic, partitions=partitions)
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap,
-        enable_idempotence=True,
-        acks="all",
-        linger_ms=2,
-        batch_size=64 * 1024,
+    producer = new_producer(
+        bootstrap,
+        linger_ms=linger_ms,
         delivery_timeout_ms=30_000,
-        request_timeout_ms=29_998,
-        max_block_ms=30_000,
-        allow_auto_create_topics=False,
+        request_timeout_ms=30_000 - linger_ms - 1,
     )
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -229,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--rate", type=float, help="kafka: records/s to send at (default: all at once)"
     )
+    parser.add_argument("--linger-ms", type=int, default=KAFKA_LINGER_MS)
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
 
@@ -243,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             count=args.records,
             partitions=args.partitions,
             rate=args.rate,
+            linger_ms=args.linger_ms,
         )
     else:
         figures = embedded_pipeline(

@@ -40,7 +40,12 @@ from msgnet._kafka import create_inbox_topic
 
 from ._loadgen import LoadSpec, new_histogram, run_worker
 from ._support import ServerProcess, cpu_seconds, machine, start_server
-from .ceiling import embedded_pipeline, kafka_pipeline, sample_records
+from .ceiling import (
+    KAFKA_LINGER_MS,
+    embedded_pipeline,
+    kafka_pipeline,
+    sample_records,
+)
 from .profile import start_sampler, summarise_samples
 
 __all__ = ["main", "run_load"]
@@ -472,6 +477,7 @@ def _server(args: argparse.Namespace) -> Iterator[ServerProcess]:
         options += [
             "--backplane=kafka",
             f"--kafka-bootstrap={args.kafka_bootstrap}",
+            f"--kafka-linger-ms={args.kafka_linger_ms}",
             f"--kafka-topic={topic}",
             f"--cluster-topic={cluster_topic}",
             "--slot=0",
@@ -492,7 +498,11 @@ def _ceiling(args: argparse.Namespace, messages: int) -> dict[str, Any]:
     count = max(10_000, int(messages * appends_per_message))
     if args.backplane == "kafka":
         figures = kafka_pipeline(
-            args.kafka_bootstrap, records, count=count, partitions=args.partitions
+            args.kafka_bootstrap,
+            records,
+            count=count,
+            partitions=args.partitions,
+            linger_ms=args.kafka_linger_ms,
         )
     else:
         with ExitStack() as stack:
@@ -520,6 +530,7 @@ def _ceiling(args: argparse.Namespace, messages: int) -> dict[str, Any]:
             count=paced_count,
             partitions=args.partitions,
             rate=paced_count / args.duration,
+            linger_ms=args.kafka_linger_ms,
         )
         figures["paced"] = {
             "records_per_s": paced_count / args.duration,
@@ -549,6 +560,12 @@ def _parser() -> argparse.ArgumentParser:
         "--backplane", choices=("embedded", "kafka"), default="embedded"
     )
     target.add_argument("--kafka-bootstrap", default="127.0.0.1:9092")
+    target.add_argument(
+        "--kafka-linger-ms",
+        type=int,
+        default=KAFKA_LINGER_MS,
+        help="the server's producer linger, also used by the ceiling",
+    )
     target.add_argument("--memory", action="store_true", help="embedded log in memory")
     target.add_argument("--partitions", type=int, default=16)
     target.add_argument(
@@ -557,7 +574,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ARG",
         help="pass ARG to the msgnet serve it starts, e.g. "
-        "--server-arg=--kafka-linger-ms=5 (repeatable)",
+        "--server-arg=--outbound-queue=5000 (repeatable)",
     )
     load = parser.add_argument_group("load")
     load.add_argument("--connections", type=int, default=200)
