@@ -9,7 +9,7 @@ import trio
 
 from ._cluster import CLUSTER_PARTITION, read_cluster_map
 from ._clustermap import ClusterLayout, encode_entry
-from ._kafka import create_inbox_topic, open_kafka_backplane
+from ._kafka import DEFAULT_TOPIC, create_inbox_topic, open_kafka_backplane
 
 __all__ = ["cluster_status", "init_cluster"]
 
@@ -21,7 +21,7 @@ async def init_cluster(
     slots: int,
     replication_factor: int = 1,
     min_insync_replicas: int = 1,
-    inbox_topic: str = "msgnet.inbox",
+    inbox_topic: str = DEFAULT_TOPIC,
     cluster_topic: str = "msgnet.cluster",
 ) -> ClusterLayout:
     """Create the inbox and cluster topics and write the layout, once.

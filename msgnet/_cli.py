@@ -18,7 +18,6 @@ import trio
 
 import protocol
 
-from ._admin import cluster_status, init_cluster
 from ._auth import AuthError, load_or_create_secret, mint_token
 from ._backplane import BackplaneUnavailable
 from ._client import Client, ConnectionLost, RequestFailed, ServerRefused, open_client
@@ -403,6 +402,8 @@ def _format_entry(entry: protocol.HistoryEntry) -> str:
 
 
 def _cluster_init(args: argparse.Namespace) -> int:
+    from ._admin import init_cluster
+
     layout = trio.run(
         functools.partial(
             init_cluster,
@@ -420,6 +421,8 @@ def _cluster_init(args: argparse.Namespace) -> int:
 
 
 def _cluster_status(args: argparse.Namespace) -> int:
+    from ._admin import cluster_status
+
     status = trio.run(
         functools.partial(
             cluster_status, args.kafka_bootstrap, cluster_topic=args.cluster_topic

@@ -22,6 +22,10 @@ __all__ = [
 ENV_PREFIX = "MSGNET_"
 
 
+DEFAULT_INBOX_TOPIC = "msgnet.inbox"
+"""The inbox topic's name unless configured otherwise."""
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
@@ -112,7 +116,7 @@ class ServerConfig:
         validator=_positive,
     )
     kafka_bootstrap: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers")
-    kafka_topic: str = _setting("msgnet.inbox", "Kafka inbox topic")
+    kafka_topic: str = _setting(DEFAULT_INBOX_TOPIC, "Kafka inbox topic")
     kafka_linger_ms: int = _setting(
         20,
         "ms the inbox producer waits to fill a batch: kafka-python's cost is "

@@ -8,18 +8,23 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from ._backplane import RETRY_DELAYS, LogRecord, until_available
-from ._history_pg import migrate_postgres, open_postgres_history_store
+from ._config import DEFAULT_INBOX_TOPIC
 from ._history_store import HistoryStore, HistoryUnavailable
 from ._history_writer import HISTORY_GROUP, decode_entries, warn_retention_gap
-from ._kafka import DEFAULT_TOPIC
-from ._kafka_group import KafkaGroupConsumer, open_group_consumer
 from ._records import InboxRecord
+
+if TYPE_CHECKING:
+    from ._kafka_group import KafkaGroupConsumer
+
+# kafka-python and psycopg are imported where they are first needed: every
+# msgnet command builds the history commands' parser, and importing both at
+# start-up cost each command (a server's start among them) a quarter second.
 
 __all__ = [
     "HistoryWriterStats",
@@ -136,7 +141,7 @@ async def serve_history_writer(
     *,
     bootstrap: str,
     dsn: str,
-    topic: str = DEFAULT_TOPIC,
+    topic: str = DEFAULT_INBOX_TOPIC,
     group: str = HISTORY_GROUP,
     batch_size: int = BATCH_SIZE,
     session_timeout_s: float = 10.0,
@@ -144,6 +149,9 @@ async def serve_history_writer(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Open the PostgreSQL store, join the history group, write until cancelled."""
+    from ._history_pg import open_postgres_history_store
+    from ._kafka_group import open_group_consumer
+
     async with (
         open_postgres_history_store(dsn) as store,
         open_group_consumer(
@@ -192,7 +200,7 @@ def add_history_commands(
     )
     writer_cmd.add_argument(
         "--kafka-topic",
-        default=os.environ.get("MSGNET_KAFKA_TOPIC", DEFAULT_TOPIC),
+        default=os.environ.get("MSGNET_KAFKA_TOPIC", DEFAULT_INBOX_TOPIC),
         help="the inbox topic (default: %(default)s)",
     )
     writer_cmd.add_argument(
@@ -238,6 +246,8 @@ def _require_dsn(args: argparse.Namespace) -> str:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from ._history_pg import migrate_postgres
+
     found, now = migrate_postgres(_require_dsn(args))
     if found == now:
         logger.info("history schema is up to date at version %d", now)
@@ -272,6 +282,9 @@ async def _write_until_signalled(
 ) -> None:
     # Opened outside the nursery, so that a refused schema or an unreachable
     # server reaches main as itself, not inside an exception group.
+    from ._history_pg import open_postgres_history_store
+    from ._kafka_group import open_group_consumer
+
     async with (
         open_postgres_history_store(dsn) as store,
         open_group_consumer(

@@ -25,6 +25,7 @@ from ._backplane import (
     check_offset,
     check_partition,
 )
+from ._config import DEFAULT_INBOX_TOPIC
 from ._kafka_producer import (
     RECONNECT_BACKOFF_MAX_MS,
     PendingAppend,
@@ -44,8 +45,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-DEFAULT_TOPIC = "msgnet.inbox"
-"""The inbox topic's name unless configured otherwise."""
+DEFAULT_TOPIC = DEFAULT_INBOX_TOPIC
 
 _POLL_INTERVAL_MS = 500
 """How long one consumer poll blocks; a waiting read notices cancellation this fast."""

@@ -23,10 +23,8 @@ from ._context import OwnerAddress, ServerContext
 from ._embedded import open_embedded_backplane
 from ._groups import open_group_directory
 from ._history import open_history_store
-from ._history_pg import open_postgres_history_store
 from ._history_store import HistoryStore
 from ._history_writer import HISTORY_GROUP, write_history
-from ._kafka import open_kafka_backplane
 from ._metrics import ServerMetrics, serve_metrics
 from ._partition import PartitionOwner
 from ._session import Session
@@ -60,6 +58,8 @@ class RunningServer:
 async def open_backplane(config: ServerConfig) -> AsyncIterator[Backplane]:
     """The configured log: the embedded SQLite one, or Kafka."""
     if config.backplane == "kafka":
+        from ._kafka import open_kafka_backplane
+
         async with open_kafka_backplane(
             config.kafka_bootstrap,
             topic=config.kafka_topic,
@@ -110,6 +110,8 @@ async def serve(
         )
         history: HistoryStore
         if config.history_store == "postgres":
+            from ._history_pg import open_postgres_history_store
+
             history = await stack.enter_async_context(
                 open_postgres_history_store(config.history_dsn)
             )
@@ -120,6 +122,8 @@ async def serve(
         )
         cluster_log = None
         if config.backplane == "kafka":
+            from ._kafka import open_kafka_backplane
+
             cluster_log = await stack.enter_async_context(
                 open_kafka_backplane(config.kafka_bootstrap, topic=config.cluster_topic)
             )
