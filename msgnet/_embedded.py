@@ -1,4 +1,7 @@
-"""The embedded backplane: the inbox log in one SQLite file, for use without Kafka."""
+"""The embedded backplane: the inbox log in one process, for use without Kafka.
+
+Its file, if it has one, is in ``_embedded_file``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from . import _embedded_file as log_file
 from ._backplane import (
     Append,
     BackplaneUnavailable,
@@ -24,14 +28,12 @@ from ._backplane import (
     check_offset,
     check_partition,
 )
-from ._sqlite import Database, transaction
+from ._embedded_file import LOG_FILENAME, Row, StoredState
+from ._sqlite import Database
 
 __all__ = ["LOG_FILENAME", "EmbeddedBackplane", "open_embedded_backplane"]
 
 logger = logging.getLogger(__name__)
-
-LOG_FILENAME = "inbox-log.sqlite3"
-"""The name of the log's database file inside the directory it is opened in."""
 
 MAX_BATCH = 10_000
 """The most appends one transaction takes: bounds the latency of a commit."""
@@ -43,141 +45,6 @@ Live readers follow the end of their partition, so they are served from memory;
 readers further behind (catch-up after a restart) read from SQLite. A log kept
 in memory only keeps every record there, and has no SQLite at all.
 """
-
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS settings (
-        name TEXT PRIMARY KEY,
-        value INTEGER NOT NULL
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS records (
-        "partition" INTEGER NOT NULL,
-        "offset" INTEGER NOT NULL,
-        "key" BLOB NOT NULL,
-        "value" BLOB NOT NULL,
-        timestamp_ms INTEGER NOT NULL,
-        PRIMARY KEY ("partition", "offset")
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS committed_offsets (
-        "group" TEXT NOT NULL,
-        "partition" INTEGER NOT NULL,
-        "offset" INTEGER NOT NULL,
-        PRIMARY KEY ("group", "partition")
-    ) WITHOUT ROWID
-    """,
-)
-
-
-@attrs.frozen(kw_only=True)
-class _StoredState:
-    """What the log holds when it is opened."""
-
-    end_offsets: list[int]
-    """Per partition, the offset after the last stored record."""
-    committed: dict[tuple[str, int], int]
-    """The committed offset of each (group, partition) that has one."""
-
-
-def _connect(directory: Path, partitions: int) -> sqlite3.Connection:
-    # Blocking: runs in a worker thread while the backplane is being opened.
-    directory.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(
-        directory / LOG_FILENAME, isolation_level=None, check_same_thread=False
-    )
-    try:
-        # WAL: a commit appends to the write-ahead log and readers are never
-        # blocked by it. In WAL mode synchronous=NORMAL only fsyncs at
-        # checkpoints, so a commit that returned could still vanish in a power
-        # cut or OS crash; FULL fsyncs the WAL before COMMIT returns. append()
-        # acknowledges an offset only after that COMMIT, so an acknowledged
-        # record survives the process being killed and, on a disk that
-        # honours fsync, the machine losing power.
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = FULL")
-        for statement in _SCHEMA:
-            connection.execute(statement)
-
-        # The partition count decides where every user's records live, so a log
-        # must never be read back with a different one.
-        with transaction(connection):
-            row = connection.execute(
-                "SELECT value FROM settings WHERE name = 'partitions'"
-            ).fetchone()
-            if row is None:
-                connection.execute(
-                    "INSERT INTO settings (name, value) VALUES ('partitions', ?)",
-                    (partitions,),
-                )
-            elif row[0] != partitions:
-                raise ValueError(
-                    f"the embedded log in {directory} has "
-                    f"{row[0]} partitions, not the {partitions} requested"
-                )
-    except BaseException:
-        connection.close()
-        raise
-    return connection
-
-
-def _load(connection: sqlite3.Connection, partitions: int) -> _StoredState:
-    end_offsets = [0] * partitions
-    for partition, last in connection.execute(
-        'SELECT "partition", MAX("offset") FROM records GROUP BY "partition"'
-    ):
-        end_offsets[partition] = last + 1
-    committed = {
-        (group, partition): offset
-        for group, partition, offset in connection.execute(
-            'SELECT "group", "partition", "offset" FROM committed_offsets'
-        )
-    }
-    return _StoredState(end_offsets=end_offsets, committed=committed)
-
-
-_Row = tuple[int, int, bytes, bytes, int]
-"""A record as it is stored: partition, offset, key, value, timestamp_ms."""
-
-
-def _write(
-    connection: sqlite3.Connection,
-    rows: Sequence[_Row],
-    commits: Sequence[tuple[str, int, int]],
-) -> None:
-    with transaction(connection):
-        connection.executemany(
-            'INSERT INTO records ("partition", "offset", "key", "value", timestamp_ms) '
-            "VALUES (?, ?, ?, ?, ?)",
-            rows,
-        )
-        connection.executemany(
-            'INSERT OR REPLACE INTO committed_offsets ("group", "partition", "offset") '
-            "VALUES (?, ?, ?)",
-            commits,
-        )
-
-
-def _read(
-    connection: sqlite3.Connection, partition: int, offset: int, max_records: int
-) -> list[LogRecord]:
-    rows = connection.execute(
-        'SELECT "offset", "key", "value", timestamp_ms FROM records '
-        'WHERE "partition" = ? AND "offset" >= ? ORDER BY "offset" LIMIT ?',
-        (partition, offset, max_records),
-    )
-    return [
-        LogRecord(
-            partition=partition,
-            offset=row_offset,
-            key=key,
-            value=value,
-            timestamp_ms=timestamp_ms,
-        )
-        for row_offset, key, value, timestamp_ms in rows
-    ]
 
 
 class _Tail:
@@ -298,7 +165,7 @@ class EmbeddedBackplane:
         *,
         location: str,
         partitions: int,
-        state: _StoredState,
+        state: StoredState,
     ) -> None:
         self._database = database
         self._location = location
@@ -378,7 +245,10 @@ class EmbeddedBackplane:
         try:
             return await self._database.run(
                 functools.partial(
-                    _read, partition=partition, offset=offset, max_records=max_records
+                    log_file.read,
+                    partition=partition,
+                    offset=offset,
+                    max_records=max_records,
                 )
             )
         except trio.ClosedResourceError:
@@ -473,7 +343,7 @@ class EmbeddedBackplane:
                     with trio.CancelScope(shield=True):
                         await self._database.run(
                             functools.partial(
-                                _write,
+                                log_file.write,
                                 rows=self._rows(appends, timestamp_ms),
                                 commits=[
                                     (c.group, c.partition, c.offset) for c in commits
@@ -518,7 +388,7 @@ class EmbeddedBackplane:
         del self._pending_appends[:taken]
         return [pending for pending in batch if not pending.abandoned]
 
-    def _rows(self, appends: Sequence[_PendingAppend], timestamp_ms: int) -> list[_Row]:
+    def _rows(self, appends: Sequence[_PendingAppend], timestamp_ms: int) -> list[Row]:
         """The batch's rows, numbered from each partition's end as it will be."""
         next_offsets = list(self._end_offsets)
         rows = []
@@ -603,14 +473,16 @@ async def open_embedded_backplane(
     database = None
     if directory is None:
         location = ":memory:"
-        state = _StoredState(end_offsets=[0] * partitions, committed={})
+        state = StoredState(end_offsets=[0] * partitions, committed={})
     else:
         path = Path(directory)
         location = os.fspath(path)
-        connection = await trio.to_thread.run_sync(_connect, path, partitions)
+        connection = await trio.to_thread.run_sync(log_file.connect, path, partitions)
         database = Database(connection)
         try:
-            state = await database.run(functools.partial(_load, partitions=partitions))
+            state = await database.run(
+                functools.partial(log_file.load, partitions=partitions)
+            )
         except BaseException:
             await database.aclose()
             raise
