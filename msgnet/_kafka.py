@@ -155,11 +155,22 @@ class _PartitionReader:
 
 
 @attrs.define(eq=False)
+class _CommitBatch:
+    """Offsets of one group committed together, in one request to Kafka."""
+
+    offsets: dict[TopicPartition, int] = attrs.field(factory=dict)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    failure: str | None = None
+
+
+@attrs.define(eq=False)
 class _GroupClient:
     """A consumer that commits for one group without joining it."""
 
     lock: threading.Lock = attrs.field(factory=threading.Lock)
     consumer: Any = None
+    gathering: _CommitBatch | None = None
+    """The batch that commits made now join; its first commit sends it."""
 
 
 class KafkaBackplane:
@@ -306,20 +317,52 @@ class KafkaBackplane:
         return await self._run_control(self._offsets_client, None, fetch)
 
     async def commit(self, group: str, partition: int, offset: int) -> None:
-        """Commit ``offset`` for ``group`` in Kafka; the latest commit wins."""
+        """Commit ``offset`` for ``group`` in Kafka; the latest commit wins.
+
+        Commits of one group made in the same scheduler round share one
+        request: every owned partition's owner, and its history writer, commit
+        on the same timer, and a request each was a broker round trip and a
+        worker thread each. A commit whose wait is cancelled may still be made.
+        """
         check_group(group)
         self._check_partition(partition)
         check_offset(offset)
         self._check_open()
         tp = self._readers[partition][0].partition
+        client = self._group_client(group)
 
-        def commit(consumer: Any) -> None:
-            consumer.commit(
-                {tp: OffsetAndMetadata(offset, "", -1)},
-                timeout_ms=self._request_timeout_ms,
+        batch = client.gathering
+        if batch is not None:
+            batch.offsets[tp] = offset
+            await batch.done.wait()
+            if batch.failure is not None:
+                raise BackplaneUnavailable(batch.failure)
+            return
+
+        batch = client.gathering = _CommitBatch({tp: offset})
+        try:
+            # Let the commits made in this round join, then send them all.
+            # Shielded, as the request itself is: the others wait on it.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            client.gathering = None
+            offsets = {
+                tp: OffsetAndMetadata(offset, "", -1)
+                for tp, offset in batch.offsets.items()
+            }
+            await self._run_control(
+                client,
+                group,
+                lambda consumer: consumer.commit(
+                    offsets, timeout_ms=self._request_timeout_ms
+                ),
             )
-
-        await self._run_control(self._group_client(group), group, commit)
+        except BaseException as exc:
+            batch.failure = str(exc) or repr(exc)
+            raise
+        finally:
+            if client.gathering is batch:
+                client.gathering = None
+            batch.done.set()
 
     async def committed(self, group: str, partition: int) -> int | None:
         """The offset ``group`` last committed for ``partition``, or None."""

@@ -314,6 +314,17 @@ async def test_commits_are_kept_per_group_and_partition(backplane: Backplane) ->
     assert await backplane.committed("history", 1) is None
 
 
+async def test_commits_made_at_once_are_all_kept(backplane: Backplane) -> None:
+    async with trio.open_nursery() as nursery:
+        for partition in range(PARTITIONS):
+            nursery.start_soon(backplane.commit, "delivery", partition, 10 + partition)
+        nursery.start_soon(backplane.commit, "history", 0, 3)
+
+    for partition in range(PARTITIONS):
+        assert await backplane.committed("delivery", partition) == 10 + partition
+    assert await backplane.committed("history", 0) == 3
+
+
 async def test_the_latest_commit_wins_even_when_lower(backplane: Backplane) -> None:
     await backplane.commit("delivery", 3, 10)
     await backplane.commit("delivery", 3, 4)
