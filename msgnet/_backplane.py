@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple, Protocol, TypeVar
 
@@ -139,6 +140,16 @@ async def until_available(operation: Callable[[], Awaitable[_T]], *, what: str) 
                 logger.warning("log unavailable while %s; retrying: %s", what, exc)
             await trio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
             failures += 1
+
+
+async def sleep_until_tick(interval: float) -> None:
+    """Sleep until the clock's next multiple of ``interval`` seconds.
+
+    Periodic commits wait for this rather than for ``interval`` from their
+    own last commit: the tasks of every partition then wake in the same
+    scheduler round, and a backplane sends their commits in one request.
+    """
+    await trio.sleep_until((math.floor(trio.current_time() / interval) + 1) * interval)
 
 
 # Argument checks shared by every implementation, so that all of them refuse

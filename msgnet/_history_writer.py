@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Sequence
 
+import attrs
 import trio
 
-from ._backplane import Backplane, LogRecord, until_available
+from ._backplane import Backplane, LogRecord, sleep_until_tick, until_available
 from ._history_store import HistoryStore
 from ._records import BadRecord, InboxRecord, decode_record
 
@@ -28,8 +28,8 @@ COMMIT_INTERVAL = 0.5
 The offset only tells catch-up where the store ends and the log must be read
 instead, so it may lag the store (never run ahead of it). On Kafka a commit
 is a broker round trip, and one per batch and partition was a large part of
-a busy server's CPU; committing at most this often, and when a writer falls
-quiet with a batch not yet committed, keeps that to two a second a partition.
+a busy server's CPU. Every partition's writer commits on the same ticks of
+the clock, and a backplane sends the commits of one tick in one request.
 """
 
 LINGER = 0.05
@@ -53,55 +53,60 @@ async def write_history(
 ) -> None:
     """Persist one partition into ``store`` until cancelled.
 
-    Each batch is written in one transaction and only then committed, so the
-    group's offset never runs ahead of the store: every record below it is
-    stored. A crash between the two writes the batch again, which the store's
-    keys make harmless. Catch-up relies on exactly this (see
-    ``_catchup.catch_up``). Commits wait up to ``COMMIT_INTERVAL`` to cover
-    several batches at once.
+    Each batch is written in one transaction. A task of its own commits the
+    offset after the last stored batch at every ``COMMIT_INTERVAL`` tick of
+    the clock, so the group's offset never runs ahead of the store: every
+    record below it is stored. A crash between the two writes those batches
+    again, which the store's keys make harmless. Catch-up relies on exactly
+    this (see ``_catchup.catch_up``).
     """
     what = f"writing history of partition {partition}"
     committed = await until_available(
         functools.partial(backplane.committed, group, partition), what=what
     )
-    # Where the next batch starts, and what the group's offset says is stored.
-    offset = stored = committed or 0
-    commit_at = trio.current_time() + COMMIT_INTERVAL
+    progress = _Progress(committed or 0)
     task_status.started()
 
-    async def commit() -> None:
-        nonlocal stored, commit_at
-        await until_available(
-            functools.partial(backplane.commit, group, partition, offset), what=what
-        )
-        stored = offset
-        commit_at = trio.current_time() + COMMIT_INTERVAL
-
-    while True:
-        # 1. The next batch; a quiet log first lets a pending commit out.
-        records = None
-        with trio.move_on_at(commit_at if stored != offset else math.inf):
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_commit_periodically, backplane, group, partition, progress)
+        while True:
+            offset = progress.stored
             records = await until_available(
                 functools.partial(
                     backplane.read, partition, offset, max_records=BATCH_SIZE
                 ),
                 what=what,
             )
-        if records is None:
-            await commit()
-            continue
+            if records[0].offset > offset:
+                warn_retention_gap(partition, offset, records[0].offset)
+            entries = decode_entries(records)
+            if entries:
+                await store.write(entries)
+            progress.stored = records[-1].offset + 1
+            if len(records) < BATCH_SIZE:
+                await trio.sleep(linger)
 
-        # 2. Store it, then say so when it is time.
-        if records[0].offset > offset:
-            warn_retention_gap(partition, offset, records[0].offset)
-        entries = decode_entries(records)
-        if entries:
-            await store.write(entries)
-        offset = records[-1].offset + 1
-        if trio.current_time() >= commit_at:
-            await commit()
-        if len(records) < BATCH_SIZE:
-            await trio.sleep(linger)
+
+@attrs.define
+class _Progress:
+    stored: int
+    """Every record below this offset is in the store."""
+
+
+async def _commit_periodically(
+    backplane: Backplane, group: str, partition: int, progress: _Progress
+) -> None:
+    """Commit what the writer has stored, at every tick it has stored more."""
+    committed = progress.stored
+    while True:
+        await sleep_until_tick(COMMIT_INTERVAL)
+        stored = progress.stored
+        if stored != committed:
+            await until_available(
+                functools.partial(backplane.commit, group, partition, stored),
+                what=f"committing history of partition {partition}",
+            )
+            committed = stored
 
 
 def decode_entries(

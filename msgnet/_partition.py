@@ -12,7 +12,12 @@ import trio
 
 import protocol
 
-from ._backplane import Backplane, BackplaneUnavailable, until_available
+from ._backplane import (
+    Backplane,
+    BackplaneUnavailable,
+    sleep_until_tick,
+    until_available,
+)
 from ._records import BadRecord, decode_fields
 
 if TYPE_CHECKING:
@@ -190,7 +195,7 @@ class PartitionOwner:
     async def _commit_periodically(self) -> None:
         lag = self._metrics.partition_lag.labels(str(self.partition))
         for round_ in itertools.count(1):
-            await trio.sleep(COMMIT_INTERVAL)
+            await sleep_until_tick(COMMIT_INTERVAL)
             await self._commit()
             # The end offset is a request to Kafka per partition: a lag gauge
             # this fresh is worth less than the broker round trips it costs.
