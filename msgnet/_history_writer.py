@@ -32,13 +32,13 @@ a busy server's CPU. Every partition's writer commits on the same ticks of
 the clock, and a backplane sends the commits of one tick in one request.
 """
 
-LINGER = 0.05
+LINGER = 0.25
 """Seconds a writer that caught up waits before its next batch.
 
 History is eventually consistent (catch-up reads the log above the group's
-offset), so there is no hurry: at a low rate, writing each record as it comes
-would cost a store transaction and a commit per record and partition, several
-thread round trips a message. Waiting this long lets a batch gather instead.
+offset), so there is no hurry: writing each record as it comes would cost a
+store transaction (an fsync) per record and partition. At 50 ms a durable
+server at 1,000 msg/s still spent about a tenth more of its CPU than at this.
 """
 
 
