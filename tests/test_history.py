@@ -274,6 +274,21 @@ async def test_writers_racing_on_the_same_messages_store_each_once(
     assert backend.count("inbox") == 800
 
 
+async def test_writes_made_at_once_are_all_stored(backend: Backend) -> None:
+    async with backend.open() as store, trio.open_nursery() as nursery:
+        for partition in range(8):
+            nursery.start_soon(
+                store.write,
+                [
+                    at(partition, n, direct(f"p{partition}m{n}", "alice", "bob"))
+                    for n in range(5)
+                ],
+            )
+
+    assert backend.count("messages") == 40
+    assert backend.count("inbox") == 40
+
+
 # Paging
 
 
