@@ -13,7 +13,7 @@ import attrs
 import trio
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
-from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ._backplane import (
@@ -26,6 +26,7 @@ from ._backplane import (
     check_partition,
 )
 from ._config import DEFAULT_INBOX_TOPIC
+from ._kafka_catchup import CatchUpReaders
 from ._kafka_producer import (
     RECONNECT_BACKOFF_MAX_MS,
     PendingAppend,
@@ -33,6 +34,7 @@ from ._kafka_producer import (
     new_producer,
 )
 from ._kafka_tail import TailFollower
+from ._kafka_topic import check_topic, create_inbox_topic
 
 __all__ = [
     "DEFAULT_TOPIC",
@@ -46,112 +48,6 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 DEFAULT_TOPIC = DEFAULT_INBOX_TOPIC
-
-_POLL_INTERVAL_MS = 500
-"""How long one consumer poll blocks; a waiting read notices cancellation this fast."""
-
-_READERS_PER_PARTITION = 4
-"""Consumers one partition may have for reads at once: the owner's, and catch-ups."""
-
-_UNKNOWN_TOPIC_OR_PARTITION = 3
-"""Kafka's error code for a topic that does not exist."""
-
-
-def _describe_partitions(admin: Any, name: str) -> int | None:
-    """The topic's partition count, or None if it does not exist (blocking)."""
-    (topic,) = admin.describe_topics([name])
-    if topic["error_code"] == _UNKNOWN_TOPIC_OR_PARTITION:
-        return None
-    if topic["error_code"] != 0:
-        raise BackplaneUnavailable(
-            f"Kafka could not describe topic {name!r}: error code {topic['error_code']}"
-        )
-    return len(topic["partitions"])
-
-
-def _check_partition_count(name: str, found: int | None, expected: int) -> None:
-    if found is None:
-        raise ValueError(
-            f"Kafka topic {name!r} does not exist; create it with {expected} "
-            "partitions (create_inbox_topic) before opening the backplane"
-        )
-    if found != expected:
-        raise ValueError(
-            f"Kafka topic {name!r} has {found} partitions, not the {expected} "
-            "configured; users would be routed to the wrong partitions"
-        )
-
-
-def create_inbox_topic(
-    bootstrap: str,
-    name: str = DEFAULT_TOPIC,
-    *,
-    partitions: int,
-    replication_factor: int = 1,
-    configs: dict[str, str] | None = None,
-) -> bool:
-    """Create the inbox topic, or check the one that exists (blocking).
-
-    ``configs`` adds topic settings, such as ``min.insync.replicas`` or the
-    ``cleanup.policy=compact`` of the cluster topic. Returns True if the topic
-    was created, False if it already existed with ``partitions`` partitions.
-    Raises ``ValueError`` if it exists with another count, and
-    ``BackplaneUnavailable`` if Kafka cannot be reached.
-    """
-    if partitions < 1:
-        raise ValueError(f"partitions must be at least 1, not {partitions!r}")
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    except KafkaError as exc:
-        raise BackplaneUnavailable(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
-    try:
-        existing = _describe_partitions(admin, name)
-        if existing is None:
-            try:
-                admin.create_topics(
-                    {
-                        name: {
-                            "num_partitions": partitions,
-                            "replication_factor": replication_factor,
-                            # A record's timestamp is when the broker appended it,
-                            # as LogRecord.timestamp_ms promises, not a client's
-                            # clock.
-                            "configs": {
-                                "message.timestamp.type": "LogAppendTime",
-                                **(configs or {}),
-                            },
-                        }
-                    },
-                    wait_for_metadata=True,
-                )
-                logger.info(
-                    "created Kafka topic %s with %d partitions", name, partitions
-                )
-                return True
-            except TopicAlreadyExistsError:
-                # Another server created it between the describe and the create.
-                existing = _describe_partitions(admin, name)
-        _check_partition_count(name, existing, partitions)
-        return False
-    except KafkaError as exc:
-        raise BackplaneUnavailable(
-            f"Kafka at {bootstrap} failed to create topic {name!r}: {exc}"
-        ) from exc
-    finally:
-        admin.close()
-
-
-@attrs.define(eq=False)
-class _PartitionReader:
-    """One partition's consumer, used by one thread at a time under ``lock``."""
-
-    partition: TopicPartition
-    lock: threading.Lock = attrs.field(factory=threading.Lock)
-    consumer: Any = None
-    position: int | None = None
-    """Where the consumer will fetch next, if a read left it at a known place."""
-    busy: bool = False
-    """A read on the trio thread has chosen this reader and not yet returned."""
 
 
 @attrs.define(eq=False)
@@ -182,11 +78,8 @@ class KafkaBackplane:
       fed and settled by a ``RecordSender`` (``_kafka_producer``).
     - Reads at the end of a partition (its owner, the history writer) share
       one consumer that follows every such partition, a ``TailFollower``
-      (``_kafka_tail``). A read further behind (a catch-up) has a
-      ``KafkaConsumer`` of its own (a consumer is not thread-safe), used by
-      one worker thread at a time; it polls in short steps so that a
-      cancelled read gives its thread back quickly, and stays where the last
-      read ended, so the next read uses Kafka's prefetched records.
+      (``_kafka_tail``). A read further behind (a catch-up) has a consumer
+      of its own (``CatchUpReaders``, ``_kafka_catchup``).
     - Commits go through one consumer per group that never joins the group: it
       commits explicit offsets (generation -1), which Kafka accepts for a group
       with no subscribed members.
@@ -213,14 +106,13 @@ class KafkaBackplane:
             close_timeout_s=request_timeout_ms / 1000 + 5,
         )
 
-        self._readers = [
-            [_PartitionReader(partition=TopicPartition(topic, p))]
-            for p in range(partitions)
-        ]
-        self._read_cancels: set[threading.Event] = set()
-        # Waiting reads hold their thread, so they get a limiter of their own
-        # and cannot starve other trio.to_thread users of the default one.
-        self._read_limiter = trio.CapacityLimiter(2 * partitions + 4)
+        self._partition_keys = [TopicPartition(topic, p) for p in range(partitions)]
+        self._catch_ups = CatchUpReaders(
+            topic=topic,
+            partitions=partitions,
+            new_consumer=functools.partial(self._new_consumer, None),
+            closed_message=self._closed_message(),
+        )
 
         self._offsets_client = _GroupClient()
         self._groups: dict[str, _GroupClient] = {}
@@ -278,35 +170,13 @@ class KafkaBackplane:
 
         # Behind the records the follower holds (a catch-up): a consumer of
         # its own, left where this read ends for the next one.
-        cancel = threading.Event()
-        self._read_cancels.add(cancel)
-        reader = self._idle_reader(partition)
-        reader.busy = True
-        try:
-            records = await trio.to_thread.run_sync(
-                self._read_blocking,
-                reader,
-                offset,
-                max_records,
-                cancel,
-                abandon_on_cancel=True,
-                limiter=self._read_limiter,
-            )
-        finally:
-            # Tells an abandoned thread to stop polling and free the consumer.
-            cancel.set()
-            self._read_cancels.discard(cancel)
-            reader.busy = False
-
-        if records is None:
-            raise BackplaneUnavailable(self._closed_message())
-        return records
+        return await self._catch_ups.read(partition, offset, max_records)
 
     async def end_offset(self, partition: int) -> int:
         """The partition's high watermark: the offset of the next record."""
         self._check_partition(partition)
         self._check_open()
-        tp = self._readers[partition][0].partition
+        tp = self._partition_keys[partition]
 
         def fetch(consumer: Any) -> int:
             end: int = consumer.end_offsets([tp], timeout_ms=self._request_timeout_ms)[
@@ -328,7 +198,7 @@ class KafkaBackplane:
         self._check_partition(partition)
         check_offset(offset)
         self._check_open()
-        tp = self._readers[partition][0].partition
+        tp = self._partition_keys[partition]
         client = self._group_client(group)
 
         batch = client.gathering
@@ -369,7 +239,7 @@ class KafkaBackplane:
         check_group(group)
         self._check_partition(partition)
         self._check_open()
-        tp = self._readers[partition][0].partition
+        tp = self._partition_keys[partition]
 
         def fetch(consumer: Any) -> int | None:
             offset: int | None = consumer.committed(
@@ -393,8 +263,7 @@ class KafkaBackplane:
 
             self._closing = True
             self._follower.close()
-            for cancel in self._read_cancels:
-                cancel.set()
+            self._catch_ups.cancel_all()
             await trio.to_thread.run_sync(self._close_clients)
 
             # Acknowledgements reported while the producer flushed were queued
@@ -404,7 +273,7 @@ class KafkaBackplane:
             self._closed.set()
             logger.info("Kafka backplane on topic %s closed", self._topic)
 
-    # Reading and control calls, run in worker threads.
+    # Control calls, run in worker threads.
 
     def _new_consumer(self, group: str | None) -> Any:
         return KafkaConsumer(
@@ -417,85 +286,6 @@ class KafkaBackplane:
             request_timeout_ms=self._request_timeout_ms,
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
         )
-
-    def _read_blocking(
-        self,
-        reader: _PartitionReader,
-        offset: int,
-        max_records: int,
-        cancel: threading.Event,
-    ) -> list[LogRecord] | None:
-        with reader.lock:
-            try:
-                if reader.consumer is None:
-                    reader.consumer = self._new_consumer(None)
-                    reader.consumer.assign([reader.partition])
-                return self._poll_until_records(reader, offset, max_records, cancel)
-            except KafkaError as exc:
-                reader.position = None
-                raise BackplaneUnavailable(
-                    f"reading {self._topic} partition {reader.partition.partition} "
-                    f"at offset {offset} failed: {exc!r}"
-                ) from exc
-
-    def _poll_until_records(
-        self,
-        reader: _PartitionReader,
-        offset: int,
-        max_records: int,
-        cancel: threading.Event,
-    ) -> list[LogRecord] | None:
-        consumer = reader.consumer
-        tp = reader.partition
-        while not cancel.is_set():
-            if reader.position != offset:
-                consumer.seek(tp, offset)
-                reader.position = offset
-            try:
-                batch = consumer.poll(
-                    timeout_ms=_POLL_INTERVAL_MS, max_records=max_records
-                ).get(tp, [])
-            except OffsetOutOfRangeError:
-                reader.position = None
-                start = consumer.beginning_offsets([tp])[tp]
-                if offset < start:
-                    # Retention removed the offset: continue at the oldest record.
-                    offset = start
-                else:
-                    # Ahead of the end: wait for the log to reach it.
-                    cancel.wait(_POLL_INTERVAL_MS / 1000)
-                continue
-            if not batch:
-                continue
-
-            reader.position = batch[-1].offset + 1
-            return [
-                LogRecord(
-                    partition=tp.partition,
-                    offset=record.offset,
-                    key=record.key if record.key is not None else b"",
-                    value=record.value if record.value is not None else b"",
-                    timestamp_ms=record.timestamp,
-                )
-                for record in batch
-            ]
-        return None
-
-    def _idle_reader(self, partition: int) -> _PartitionReader:
-        """A reader of ``partition`` that no other read is using, made if needed.
-
-        The partition owner's read waits at the end of the log for the next
-        record; a catch-up read of older records on the same consumer would
-        wait behind it until someone sent a message. Past
-        ``_READERS_PER_PARTITION`` readers, a read queues behind the newest.
-        """
-        readers = self._readers[partition]
-        for reader in readers:
-            if not reader.busy:
-                return reader
-        if len(readers) < _READERS_PER_PARTITION:
-            readers.append(_PartitionReader(partition=readers[0].partition))
-        return readers[-1]
 
     def _group_client(self, group: str) -> _GroupClient:
         client = self._groups.get(group)
@@ -525,12 +315,8 @@ class KafkaBackplane:
     def _close_clients(self) -> None:
         self._sender.close()
         self._follower.join()
-        clients: list[_GroupClient | _PartitionReader] = [
-            self._offsets_client,
-            *self._groups.values(),
-            *(reader for readers in self._readers for reader in readers),
-        ]
-        for client in clients:
+        self._catch_ups.close()
+        for client in [self._offsets_client, *self._groups.values()]:
             with client.lock:
                 if client.consumer is not None:
                     client.consumer.close(autocommit=False)
@@ -562,17 +348,9 @@ def _connect(
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap)
         try:
-            found = _describe_partitions(admin, topic)
+            expected = check_topic(admin, topic, partitions)
         finally:
             admin.close()
-        if partitions is None and found is None:
-            raise ValueError(
-                f"Kafka topic {topic!r} does not exist; create it (create_inbox_topic) "
-                "before opening the backplane"
-            )
-        expected = partitions if partitions is not None else found
-        assert expected is not None
-        _check_partition_count(topic, found, expected)
 
         producer = new_producer(
             bootstrap,
