@@ -13,7 +13,7 @@ from kafka.errors import KafkaError, OffsetOutOfRangeError
 
 from ._backplane import BackplaneUnavailable, LogRecord
 
-__all__ = ["CatchUpReaders"]
+__all__ = ["CatchUpReaders", "log_record"]
 
 _POLL_INTERVAL_MS = 500
 """How long one consumer poll blocks; a waiting read notices cancellation this fast."""
@@ -181,14 +181,16 @@ def _poll_until_records(
             continue
 
         reader.position = batch[-1].offset + 1
-        return [
-            LogRecord(
-                partition=tp.partition,
-                offset=record.offset,
-                key=record.key if record.key is not None else b"",
-                value=record.value if record.value is not None else b"",
-                timestamp_ms=record.timestamp,
-            )
-            for record in batch
-        ]
+        return [log_record(record) for record in batch]
     return None
+
+
+def log_record(record: Any) -> LogRecord:
+    """The ``LogRecord`` of a record a ``KafkaConsumer`` polled."""
+    return LogRecord(
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key if record.key is not None else b"",
+        value=record.value if record.value is not None else b"",
+        timestamp_ms=record.timestamp,
+    )

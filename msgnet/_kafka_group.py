@@ -14,6 +14,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ._backplane import BackplaneUnavailable, LogRecord
+from ._kafka_catchup import log_record
 
 __all__ = ["KafkaGroupConsumer", "open_group_consumer"]
 
@@ -58,15 +59,7 @@ class KafkaGroupConsumer:
                 timeout_ms=int(timeout_s * 1000), max_records=max_records
             )
             return [
-                LogRecord(
-                    partition=tp.partition,
-                    offset=record.offset,
-                    key=record.key if record.key is not None else b"",
-                    value=record.value if record.value is not None else b"",
-                    timestamp_ms=record.timestamp,
-                )
-                for tp, records in batches.items()
-                for record in records
+                log_record(record) for records in batches.values() for record in records
             ]
 
         return await self._run(poll)
